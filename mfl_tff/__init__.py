@@ -1,0 +1,1 @@
+"""mfl_tff: meta-federated learning as TensorFlow Federated computations."""

@@ -1,0 +1,1 @@
+"""Federated algorithms as `tff.learning.templates.LearningProcess`es over packed client data."""

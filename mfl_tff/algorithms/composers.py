@@ -1,0 +1,136 @@
+"""Composing named parts into a `tff.learning.templates.LearningProcess` over packed client data.
+
+TFF's `compose_learning_process` and `ClientWorkProcess` require client data to be `tf.data`
+sequences; ours is packed tensors (see `mfl_tff.data.packing` for why), so this module composes the
+same four parts (distributor, client work, aggregator, finalizer) with the same state layout
+(`tff.learning.templates.LearningAlgorithmState`) and the same metrics layout, minus that check.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import tensorflow_federated as tff
+
+
+def check_client_work(client_work: tff.templates.MeasuredProcess) -> None:
+    """Validates a packed client work: next(state@SERVER, weights@CLIENTS, data@CLIENTS).
+
+    Raises:
+      TypeError: If the process does not have that shape.
+    """
+    if not isinstance(client_work, tff.templates.MeasuredProcess):
+        raise TypeError(f"client_work must be a tff.templates.MeasuredProcess, got {client_work}.")
+    params = client_work.next.type_signature.parameter
+    if len(params) != 3 or any(p.placement != tff.CLIENTS for p in (params[1], params[2])):
+        raise TypeError(
+            "client_work.next must take (state@SERVER, model_weights@CLIENTS, data@CLIENTS); got "
+            f"{client_work.next.type_signature}."
+        )
+
+
+def compose_packed_learning_process(
+    *,
+    initial_model_weights_fn: tff.Computation,
+    model_weights_distributor: tff.templates.MeasuredProcess,
+    client_work: tff.templates.MeasuredProcess,
+    model_update_aggregator: tff.templates.AggregationProcess,
+    model_finalizer: tff.templates.MeasuredProcess,
+) -> tff.learning.templates.LearningProcess:
+    """Composes the four parts of a one-pass federated algorithm into a LearningProcess.
+
+    Args:
+      initial_model_weights_fn: A no-argument `tff.Computation` returning the initial
+        `tff.learning.models.ModelWeights`.
+      model_weights_distributor: Broadcasts the weights, e.g.
+        `tff.learning.templates.build_broadcast_process`.
+      client_work: A packed client work (see `check_client_work`) whose result is a
+        `tff.learning.templates.ClientResult`.
+      model_update_aggregator: Aggregates the clients' updates with their weights.
+      model_finalizer: Applies the aggregate at the server, e.g.
+        `tff.learning.templates.build_apply_optimizer_finalizer`.
+
+    Returns:
+      A `tff.learning.templates.LearningProcess`; its metrics are
+      `OrderedDict(distributor, client_work, aggregator, finalizer)` as in TFF's own composer.
+    """
+    check_client_work(client_work)
+    state_fn = tff.learning.templates.LearningAlgorithmState
+    client_data_type = client_work.next.type_signature.parameter[2]
+
+    @tff.federated_computation()
+    def init_fn():
+        weights = tff.federated_eval(initial_model_weights_fn, tff.SERVER)
+        return tff.federated_zip(
+            state_fn(
+                weights,
+                model_weights_distributor.initialize(),
+                client_work.initialize(),
+                model_update_aggregator.initialize(),
+                model_finalizer.initialize(),
+            )
+        )
+
+    @tff.federated_computation(init_fn.type_signature.result, client_data_type)
+    def next_fn(state, client_data):
+        distributed = model_weights_distributor.next(state.distributor, state.global_model_weights)
+        work = client_work.next(state.client_work, distributed.result, client_data)
+        aggregated = model_update_aggregator.next(
+            state.aggregator, work.result.update, work.result.update_weight
+        )
+        finalized = model_finalizer.next(
+            state.finalizer, state.global_model_weights, aggregated.result
+        )
+        new_state = tff.federated_zip(
+            state_fn(
+                finalized.result,
+                distributed.state,
+                work.state,
+                aggregated.state,
+                finalized.state,
+            )
+        )
+        metrics = tff.federated_zip(
+            collections.OrderedDict(
+                distributor=distributed.measurements,
+                client_work=work.measurements,
+                aggregator=aggregated.measurements,
+                finalizer=finalized.measurements,
+            )
+        )
+        return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+    state_type = init_fn.type_signature.result.member
+
+    @tff.tensorflow.computation(state_type)
+    def get_model_weights(state):
+        return state.global_model_weights
+
+    @tff.tensorflow.computation(state_type, state_type.global_model_weights)
+    def set_model_weights(state, weights):
+        return state_fn(
+            weights, state.distributor, state.client_work, state.aggregator, state.finalizer
+        )
+
+    @tff.tensorflow.computation(state_type)
+    def get_hparams(state):
+        return collections.OrderedDict(finalizer=model_finalizer.get_hparams(state.finalizer))
+
+    @tff.tensorflow.computation(state_type, get_hparams.type_signature.result)
+    def set_hparams(state, hparams):
+        return state_fn(
+            state.global_model_weights,
+            state.distributor,
+            state.client_work,
+            state.aggregator,
+            model_finalizer.set_hparams(state.finalizer, hparams["finalizer"]),
+        )
+
+    return tff.learning.templates.LearningProcess(
+        init_fn,
+        next_fn,
+        get_model_weights,
+        set_model_weights,
+        get_hparams_fn=get_hparams,
+        set_hparams_fn=set_hparams,
+    )

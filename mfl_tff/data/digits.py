@@ -1,0 +1,186 @@
+"""Tasks on scikit-learn's bundled handwritten digits (1,797 real 8x8 images; no network needed).
+
+* `digits`: the pool split across clients with Dirichlet label skew and unequal client sizes.
+* `digits_fewshot`: MAML's N-way K-shot protocol (Finn et al., arXiv 1703.03400) on real images.
+  Each client owns `ways` digit classes drawn at random and its own random mapping of them to local
+  labels 0..ways-1, so no single global model is right for every client. Training and held-out
+  clients draw from disjoint image pools; clients are generated from their id, so the supply is
+  unbounded and any client is reproducible.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import numpy as np
+from sklearn import datasets as sk_datasets
+
+from mfl_tff.data import packing, partition
+from mfl_tff.data.client_data import ArrayClientData
+from mfl_tff.data.task import FederatedTask, check_positive
+from mfl_tff.models import functional, keras_models
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (8, 8)
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 images scaled to [0, 1] as float32 [N, 8, 8], and int32 labels."""
+    bunch = sk_datasets.load_digits()
+    return (bunch.images / 16.0).astype(np.float32), bunch.target.astype(np.int32)
+
+
+def _model_fn(model: str, num_classes: int, seed: int):
+    if model == "mlp":
+        keras_fn = functools.partial(keras_models.mlp, IMAGE_SHAPE, (64, 64), num_classes)
+    elif model == "cnn":
+        keras_fn = functools.partial(keras_models.small_cnn, IMAGE_SHAPE, num_classes)
+    else:
+        raise ValueError(f"Unknown digits model {model!r}; choose 'mlp' or 'cnn'.")
+    return functools.partial(
+        functional.functional_model,
+        keras_fn,
+        x_shape=IMAGE_SHAPE,
+        problem="classification",
+        seed=seed,
+    )
+
+
+def build_digits(
+    *,
+    num_train_clients: int = 80,
+    num_eval_clients: int = 20,
+    dirichlet_concentration: float = 0.5,
+    shots: int | None = None,
+    batch_size: int = 10,
+    max_batches: int = 4,
+    model: str = "mlp",
+    seed: int = 0,
+) -> FederatedTask:
+    """Digits split across clients with Dirichlet(`dirichlet_concentration`) label skew.
+
+    Args:
+      num_train_clients: Training clients.
+      num_eval_clients: Held-out clients (their examples are never in a training client).
+      dirichlet_concentration: Label-skew concentration; smaller is more skewed.
+      shots: Support examples per client (the rest is query); None splits each client in half.
+      batch_size: Examples per packed batch.
+      max_batches: Cap on batches for support and for query (bounds padding and local steps).
+      model: 'mlp' (64-64) or 'cnn'.
+      seed: Seed of the partition, the packing and the initial model.
+    """
+    check_positive(
+        num_train_clients=num_train_clients,
+        num_eval_clients=num_eval_clients,
+        batch_size=batch_size,
+        max_batches=max_batches,
+    )
+    images, labels = load_digits()
+    rng = np.random.default_rng(packing.client_seed(seed, "digits/partition"))
+    parts = partition.dirichlet_label_partition(
+        labels, num_train_clients + num_eval_clients, dirichlet_concentration, rng
+    )
+    clients = collections.OrderedDict()
+    for i, idx in enumerate(parts):
+        cid = f"train/{i:05d}" if i < num_train_clients else f"eval/{i - num_train_clients:05d}"
+        clients[cid] = collections.OrderedDict(x=images[idx], y=labels[idx])
+    train_ids = [c for c in clients if c.startswith("train/")]
+    eval_ids = [c for c in clients if c.startswith("eval/")]
+    return FederatedTask(
+        name="digits",
+        train_data=ArrayClientData(train_ids, clients.__getitem__),
+        eval_data=ArrayClientData(eval_ids, clients.__getitem__),
+        model_fn=_model_fn(model, NUM_CLASSES, seed),
+        problem="classification",
+        train_split=packing.SplitSpec(support_size=shots),
+        train_pack=packing.PackSpec(batch_size, max_batches, max_batches),
+        seed=seed,
+    )
+
+
+def fewshot_pools(seed: int, eval_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint train/held-out image index pools, stratified by class."""
+    _, labels = load_digits()
+    rng = np.random.default_rng(packing.client_seed(seed, "digits_fewshot/pools"))
+    train, held_out = [], []
+    for c in range(NUM_CLASSES):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cut = int(round(len(idx) * eval_fraction))
+        held_out.append(idx[:cut])
+        train.append(idx[cut:])
+    return np.concatenate(train), np.concatenate(held_out)
+
+
+def _fewshot_client(
+    client_id: str, *, pool: np.ndarray, ways: int, shots: int, query_shots: int, seed: int
+) -> collections.OrderedDict:
+    images, labels = load_digits()
+    rng = np.random.default_rng(packing.client_seed(seed, f"digits_fewshot/{client_id}"))
+    classes = rng.choice(NUM_CLASSES, size=ways, replace=False)  # position = local label
+    support, query = [], []
+    for local_label, c in enumerate(classes):
+        idx = rng.choice(pool[labels[pool] == c], size=shots + query_shots, replace=False)
+        support += [(i, local_label) for i in idx[:shots]]
+        query += [(i, local_label) for i in idx[shots:]]
+    # Support first: the task's SplitSpec(shuffle=False) cuts exactly here.
+    order = np.array([i for i, _ in support + query])
+    local = np.array([lab for _, lab in support + query], dtype=np.int32)
+    return collections.OrderedDict(x=images[order], y=local)
+
+
+def build_digits_fewshot(
+    *,
+    ways: int = 5,
+    shots: int = 5,
+    query_shots: int = 10,
+    num_train_clients: int = 20_000,
+    num_eval_clients: int = 500,
+    model: str = "mlp",
+    seed: int = 0,
+) -> FederatedTask:
+    """N-way K-shot classification of real digits, one task per client.
+
+    Args:
+      ways: Classes per client (N).
+      shots: Support examples per class (K).
+      query_shots: Query examples per class.
+      num_train_clients: Size of the training population (clients are generated from their id).
+      num_eval_clients: Held-out clients, drawn from images no training client sees.
+      model: 'mlp' (64-64) or 'cnn'.
+      seed: Seed of the pools, the clients, the packing and the initial model.
+    """
+    check_positive(
+        ways=ways,
+        shots=shots,
+        query_shots=query_shots,
+        num_train_clients=num_train_clients,
+        num_eval_clients=num_eval_clients,
+    )
+    if ways > NUM_CLASSES:
+        raise ValueError(f"ways must be at most {NUM_CLASSES}, got {ways}.")
+    train_pool, eval_pool = fewshot_pools(seed)
+    _, labels = load_digits()
+    smallest = min(np.sum(labels[eval_pool] == c) for c in range(NUM_CLASSES))
+    if shots + query_shots > smallest:
+        raise ValueError(
+            f"shots + query_shots = {shots + query_shots} exceeds the {smallest} held-out images "
+            "of the rarest digit; lower them."
+        )
+    make = functools.partial(
+        _fewshot_client, ways=ways, shots=shots, query_shots=query_shots, seed=seed
+    )
+    train_ids = [f"train/{i:07d}" for i in range(num_train_clients)]
+    eval_ids = [f"eval/{i:07d}" for i in range(num_eval_clients)]
+    batch = ways * shots
+    return FederatedTask(
+        name="digits_fewshot",
+        train_data=ArrayClientData(train_ids, functools.partial(make, pool=train_pool)),
+        eval_data=ArrayClientData(eval_ids, functools.partial(make, pool=eval_pool)),
+        model_fn=_model_fn(model, ways, seed),
+        problem="classification",
+        train_split=packing.SplitSpec(support_size=batch, shuffle=False),
+        train_pack=packing.PackSpec(batch, 1, -(-ways * query_shots // batch)),
+        seed=seed,
+    )

@@ -1,0 +1,97 @@
+"""Few-shot sine-wave regression, the benchmark of MAML (arXiv 1703.03400) and Meta-SGD
+(arXiv 1707.09835).
+
+Each client is one wave y = A sin(x - phase), A ~ U[0.1, 5.0], phase ~ U[0, pi], with inputs
+x ~ U[-5, 5]: `shots` support points and a query set (random points for training clients; for
+held-out clients, `eval_query_points` evenly spaced points in [-5, 5], as in the papers' plots).
+Clients are generated from their id, so the supply is unbounded and any client is reproducible.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import numpy as np
+
+from mfl_tff.data import packing
+from mfl_tff.data.client_data import ArrayClientData
+from mfl_tff.data.task import FederatedTask, check_positive
+from mfl_tff.models import functional, keras_models
+
+AMPLITUDE = (0.1, 5.0)
+PHASE = (0.0, np.pi)
+INPUT_RANGE = (-5.0, 5.0)
+
+
+def wave(client_id: str, seed: int) -> tuple[float, float]:
+    """The (amplitude, phase) of a client's wave."""
+    rng = np.random.default_rng(packing.client_seed(seed, f"sinusoid/wave/{client_id}"))
+    return float(rng.uniform(*AMPLITUDE)), float(rng.uniform(*PHASE))
+
+
+def _client(
+    client_id: str, *, shots: int, query_points: int, evenly_spaced: bool, seed: int
+) -> collections.OrderedDict:
+    amplitude, phase = wave(client_id, seed)
+    rng = np.random.default_rng(packing.client_seed(seed, f"sinusoid/x/{client_id}"))
+    support_x = rng.uniform(*INPUT_RANGE, size=shots)
+    if evenly_spaced:
+        query_x = np.linspace(*INPUT_RANGE, num=query_points)
+    else:
+        query_x = rng.uniform(*INPUT_RANGE, size=query_points)
+    x = np.concatenate([support_x, query_x]).astype(np.float32)[:, None]
+    return collections.OrderedDict(x=x, y=(amplitude * np.sin(x - phase)).astype(np.float32))
+
+
+def build_sinusoid(
+    *,
+    shots: int = 10,
+    query_points: int = 10,
+    eval_query_points: int = 100,
+    num_train_clients: int = 100_000,
+    num_eval_clients: int = 500,
+    seed: int = 0,
+) -> FederatedTask:
+    """K-shot sinusoid regression with the papers' MLP (two hidden layers of 40 ReLU units).
+
+    Args:
+      shots: Support points per client (K).
+      query_points: Random query points per training client.
+      eval_query_points: Evenly spaced query points per held-out client.
+      num_train_clients: Size of the training population.
+      num_eval_clients: Held-out clients.
+      seed: Seed of the waves, the points, the packing and the initial model.
+    """
+    check_positive(
+        shots=shots,
+        query_points=query_points,
+        eval_query_points=eval_query_points,
+        num_train_clients=num_train_clients,
+        num_eval_clients=num_eval_clients,
+    )
+    make = functools.partial(_client, shots=shots, seed=seed)
+    split = packing.SplitSpec(support_size=shots, shuffle=False)
+    return FederatedTask(
+        name="sinusoid",
+        train_data=ArrayClientData(
+            [f"train/{i:07d}" for i in range(num_train_clients)],
+            functools.partial(make, query_points=query_points, evenly_spaced=False),
+        ),
+        eval_data=ArrayClientData(
+            [f"eval/{i:07d}" for i in range(num_eval_clients)],
+            functools.partial(make, query_points=eval_query_points, evenly_spaced=True),
+        ),
+        model_fn=functools.partial(
+            functional.functional_model,
+            functools.partial(keras_models.mlp, (1,), (40, 40), 1),
+            x_shape=(1,),
+            problem="regression",
+            seed=seed,
+        ),
+        problem="regression",
+        train_split=split,
+        train_pack=packing.PackSpec(shots, 1, -(-query_points // shots)),
+        eval_pack=packing.PackSpec(shots, 1, -(-eval_query_points // shots)),
+        seed=seed,
+    )

@@ -1,0 +1,124 @@
+"""`FederatedTask`: train clients, held-out clients, a model and a metric, packed on demand.
+
+A task is what binaries and users pick by name. Its clients are `tff.simulation.datasets.ClientData`
+(train and held-out evaluation clients, disjoint), each client is packed ONCE into the padded-tensor
+format of `mfl_tff.data.packing`, and packed clients are cached so later rounds reuse them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from mfl_tff.data import client_data as client_data_lib
+from mfl_tff.data import packing
+
+PROBLEMS = ("classification", "regression")
+
+
+def check_positive(**values: int) -> None:
+    """Raises ValueError naming the first option that is below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+@dataclasses.dataclass
+class FederatedTask:
+    """A federated (meta-)learning task.
+
+    Attributes:
+      name: Registry name.
+      train_data: Clients used in training.
+      eval_data: Held-out clients, never seen in training.
+      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
+      problem: 'classification' (metric: accuracy) or 'regression' (metric: mse).
+      train_split: Support/query split of training clients.
+      train_pack: Packed shapes of training clients.
+      eval_split: Split of held-out clients (defaults to `train_split`).
+      eval_pack: Packed shapes of held-out clients (defaults to `train_pack`).
+      seed: Seed the data (and the packing) were drawn with.
+      cache_size: Most packed clients kept in memory (unbounded generated tasks can have millions).
+    """
+
+    name: str
+    train_data: tff.simulation.datasets.ClientData
+    eval_data: tff.simulation.datasets.ClientData
+    model_fn: Callable[[], tff.learning.models.FunctionalModel]
+    problem: str
+    train_split: packing.SplitSpec
+    train_pack: packing.PackSpec
+    eval_split: Optional[packing.SplitSpec] = None
+    eval_pack: Optional[packing.PackSpec] = None
+    seed: int = 0
+    cache_size: int = 50_000
+    _cache: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict, repr=False
+    )
+
+    def __post_init__(self):
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"problem must be one of {PROBLEMS}, got {self.problem!r}.")
+        self.eval_split = self.eval_split or self.train_split
+        self.eval_pack = self.eval_pack or self.train_pack
+        overlap = set(self.train_data.client_ids[:100_000]) & set(self.eval_data.client_ids)
+        if overlap:
+            raise ValueError(
+                f"Held-out clients must not be training clients; {len(overlap)} ids are in both, "
+                f"e.g. {sorted(overlap)[:3]}."
+            )
+
+    @property
+    def metric(self) -> str:
+        """'accuracy' for classification, 'mse' for regression."""
+        return "accuracy" if self.problem == "classification" else "mse"
+
+    def _pack(self, which: str, client_id: str) -> collections.OrderedDict:
+        key = (which, client_id)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        data = self.train_data if which == "train" else self.eval_data
+        split = self.train_split if which == "train" else self.eval_split
+        pack = self.train_pack if which == "train" else self.eval_pack
+        arrays = client_data_lib.client_arrays(data, client_id)
+        rng = np.random.default_rng(packing.client_seed(self.seed, f"pack/{which}/{client_id}"))
+        packed = packing.pack_client(arrays, split, pack, rng)
+        self._cache[key] = packed
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return packed
+
+    def train_clients(self, client_ids: Sequence[str]) -> list[collections.OrderedDict]:
+        """Packed training clients, in the order of `client_ids`."""
+        return [self._pack("train", cid) for cid in client_ids]
+
+    def eval_clients(self, client_ids: Sequence[str]) -> list[collections.OrderedDict]:
+        """Packed held-out clients, in the order of `client_ids`."""
+        return [self._pack("eval", cid) for cid in client_ids]
+
+    def sample_train_ids(self, num_clients: int, round_num: int) -> list[str]:
+        """Clients of a round: a function of (seed, round_num) only, so resumed runs match."""
+        ids = self.train_data.client_ids
+        if not 1 <= num_clients <= len(ids):
+            raise ValueError(
+                f"Cannot sample {num_clients} clients per round from {len(ids)} training clients; "
+                "lower clients_per_round or raise the number of training clients."
+            )
+        rng = np.random.default_rng(packing.client_seed(self.seed, f"round/{round_num}"))
+        return [ids[i] for i in rng.choice(len(ids), size=num_clients, replace=False)]
+
+    def client_data_type(self, which: str = "train") -> tff.Type:
+        """The TFF type of one packed client (unplaced)."""
+        sample = self.train_clients(self.train_data.client_ids[:1])[0]
+        if which == "eval":
+            sample = self.eval_clients(self.eval_data.client_ids[:1])[0]
+        return tff.types.tensorflow_to_type(
+            tf.nest.map_structure(lambda a: tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)), sample)
+        )
