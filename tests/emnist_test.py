@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
-import sqlite3
 import urllib.request
 
 import numpy as np
@@ -14,79 +12,13 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.simulation.datasets import download as tff_download
 
 from mfl_tff.data import emnist
-
-NUM_WRITERS = 12
-NUM_EVAL = 3
-# The 62-class splits have two writers more, as the real file does (3,400 vs 3,383).
-NUM_WRITERS_ALL = 14
-
-Writers = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def _random_writers(rng: np.random.Generator, ids: list[str], num_classes: int) -> Writers:
-    writers = {}
-    for cid in ids:
-        n = int(rng.integers(3, 16))
-        pixels = rng.random((n, 28, 28), dtype=np.float32)
-        labels = rng.integers(0, num_classes, size=n).astype(np.int32)
-        writers[cid] = (pixels, labels)
-    return writers
-
-
-def _write_emnist_file(path: str, splits: dict[str, Writers], scratch: str) -> None:
-    """Writes `splits` ({split name: {writer: (pixels, labels)}}) in TFF's EMNIST SQLite format.
-
-    `save_to_sql_client_data` gives each client one split, but the real file has the same writer in
-    several splits, so each split is saved on its own and the rows are merged into one file.
-    """
-    parts = []
-    for i, (split_name, writers) in enumerate(splits.items()):
-        part = os.path.join(scratch, f"part{i}.sqlite")
-
-        def dataset_fn(cid, writers=writers):
-            pixels, labels = writers[cid]
-            # Same element spec as TFF's parsed EMNIST: label int32 [], pixels float32 [28, 28].
-            return tf.data.Dataset.from_tensor_slices(
-                collections.OrderedDict(label=labels, pixels=pixels)
-            )
-
-        tff.simulation.datasets.save_to_sql_client_data(
-            list(writers),
-            dataset_fn,
-            part,
-            split_names_by_client_id={cid: split_name for cid in writers},
-        )
-        parts.append(part)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tf.io.gfile.copy(parts[0], path)
-    with sqlite3.connect(path) as con:
-        for part in parts[1:]:
-            con.execute("ATTACH DATABASE ? AS part;", (part,))
-            con.execute("INSERT INTO examples SELECT * FROM part.examples;")
-            con.execute("INSERT INTO client_metadata SELECT * FROM part.client_metadata;")
-            con.commit()
-            con.execute("DETACH DATABASE part;")
-
-
-@pytest.fixture(scope="module")
-def emnist_dir(tmp_path_factory):
-    """A cache directory with emnist_all.sqlite; returns (dir, digits train, all train)."""
-    rng = np.random.default_rng(1234)
-    ids = [f"f{i:04d}_{i % 7:02d}" for i in range(NUM_WRITERS_ALL)]
-    digits_train = _random_writers(rng, ids[:NUM_WRITERS], 10)
-    all_train = _random_writers(rng, ids, 62)
-    splits = {
-        "digits_only_train": digits_train,
-        # Test splits hold other examples of the same writers; they must never reach a client.
-        "digits_only_test": _random_writers(rng, ids[:NUM_WRITERS], 10),
-        "all_train": all_train,
-        "all_test": _random_writers(rng, ids, 62),
-    }
-    directory = tmp_path_factory.mktemp("emnist_cache")
-    _write_emnist_file(
-        str(directory / emnist.CACHE_FILE_NAME), splits, str(tmp_path_factory.mktemp("scratch"))
-    )
-    return directory, digits_train, all_train
+from tests.conftest import (
+    NUM_EVAL,
+    NUM_WRITERS,
+    NUM_WRITERS_ALL,
+    random_writers,
+    write_emnist_file,
+)
 
 
 @pytest.fixture
@@ -308,12 +240,12 @@ def test_file_without_the_requested_split_raises_value_error(tmp_path):
     rng = np.random.default_rng(0)
     ids = ["f0001_01", "f0002_02"]
     splits = {
-        "digits_only_train": _random_writers(rng, ids, 10),
-        "digits_only_test": _random_writers(rng, ids, 10),
+        "digits_only_train": random_writers(rng, ids, 10),
+        "digits_only_test": random_writers(rng, ids, 10),
     }
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    _write_emnist_file(str(tmp_path / "cache" / emnist.CACHE_FILE_NAME), splits, str(scratch))
+    write_emnist_file(str(tmp_path / "cache" / emnist.CACHE_FILE_NAME), splits, str(scratch))
     assert len(emnist.load_train_writers(data_cache_dir=tmp_path / "cache").client_ids) == 2
     with pytest.raises(ValueError, match="all_train"):
         emnist.build_emnist(only_digits=False, data_cache_dir=tmp_path / "cache")

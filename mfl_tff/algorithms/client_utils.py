@@ -33,38 +33,59 @@ def initial_model_weights(
 
 def all_finite(structure) -> tf.Tensor:
     """True when every element of every tensor in `structure` is finite."""
-    return tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(structure)]
-    )
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(structure)])
 
 
-def client_output(update, weight: tf.Tensor, loss: tf.Tensor) -> collections.OrderedDict:
+def global_norm(structure) -> tf.Tensor:
+    """L2 norm of all tensors in `structure` together."""
+    return tf.linalg.global_norm(tf.nest.flatten(structure))
+
+
+def client_output(update, weight, metrics) -> collections.OrderedDict:
     """A client's result, with a non-finite update rejected: zeroed and given weight 0.
 
     Averaging in one NaN would poison the global model; TFF's own client works do the same.
+
+    Args:
+      update: The structure the server aggregates (a model delta or a meta-gradient).
+      weight: The client's aggregation weight (its number of examples).
+      metrics: `OrderedDict` of scalar float metrics; averaged over accepted clients by weight.
     """
-    finite = tf.logical_and(all_finite(update), tf.math.is_finite(loss))
-    update = tf.nest.map_structure(
-        lambda u: tf.where(finite, u, tf.zeros_like(u)), update
+    finite = tf.logical_and(all_finite(update), all_finite(metrics))
+    weight = tf.cast(weight, tf.float32)
+    update = tf.nest.map_structure(lambda u: tf.where(finite, u, tf.zeros_like(u)), update)
+    metrics = collections.OrderedDict(
+        (k, tf.where(finite, tf.cast(v, tf.float32), 0.0)) for k, v in metrics.items()
     )
+    metrics["update_norm"] = tf.where(finite, global_norm(update), 0.0)
     return collections.OrderedDict(
         update=update,
-        update_weight=tf.where(finite, tf.cast(weight, tf.float32), 0.0),
-        loss=tf.where(finite, loss, 0.0),
-        num_examples=tf.cast(weight, tf.float32),
+        update_weight=tf.where(finite, weight, 0.0),
+        metrics=metrics,
+        num_examples=weight,
         rejected=tf.cast(tf.logical_not(finite), tf.int32),
     )
+
+
+def federated_client_metrics(out) -> tff.Value:
+    """Server-side summary of `client_output`s mapped over CLIENTS: each metric averaged by
+    update weight (rejected clients count 0), plus example and client counts."""
+    metric_names = tff.structure.name_list(out.metrics.type_signature.member)
+    summary = collections.OrderedDict(
+        (name, tff.federated_mean(out.metrics[name], weight=out.update_weight))
+        for name in metric_names
+    )
+    summary["num_examples"] = tff.federated_sum(out.num_examples)
+    summary["num_clients"] = tff.federated_sum(tff.federated_value(1, tff.CLIENTS))
+    summary["num_clients_rejected"] = tff.federated_sum(out.rejected)
+    return tff.federated_zip(summary)
 
 
 def build_client_work(
     client_update: tff.Computation, client_data_type: tff.Type
 ) -> tff.templates.MeasuredProcess:
     """Wraps a per-client `tff.tensorflow.computation(weights, data) -> client_output(...)` as a
-    packed client work process with stateless server state.
-
-    Measurements: `train_loss` (example-weighted mean over accepted clients), `num_examples`,
-    `num_clients`, `num_clients_rejected`.
-    """
+    packed client work process with stateless server state (see `federated_client_metrics`)."""
     weights_type = client_update.type_signature.parameter[0]
 
     @tff.federated_computation()
@@ -79,19 +100,9 @@ def build_client_work(
     def next_fn(state, weights, data):
         out = tff.federated_map(client_update, (weights, data))
         result = tff.federated_zip(
-            tff.learning.templates.ClientResult(
-                update=out.update, update_weight=out.update_weight
-            )
+            tff.learning.templates.ClientResult(update=out.update, update_weight=out.update_weight)
         )
-        measurements = tff.federated_zip(
-            collections.OrderedDict(
-                train_loss=tff.federated_mean(out.loss, weight=out.update_weight),
-                num_examples=tff.federated_sum(out.num_examples),
-                num_clients=tff.federated_sum(tff.federated_value(1, tff.CLIENTS)),
-                num_clients_rejected=tff.federated_sum(out.rejected),
-            )
-        )
-        return tff.templates.MeasuredProcessOutput(state, result, measurements)
+        return tff.templates.MeasuredProcessOutput(state, result, federated_client_metrics(out))
 
     return tff.templates.MeasuredProcess(init_fn, next_fn)
 
@@ -118,3 +129,9 @@ def check_weighted_aggregator(name: str, factory) -> None:
             f"{name} must be a tff.aggregators.WeightedAggregationFactory (e.g. "
             f"tff.aggregators.MeanFactory()), got {type(factory).__name__}."
         )
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """Raises ValueError unless `value` is an int >= 1."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")

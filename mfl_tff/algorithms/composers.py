@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
+
+from mfl_tff.algorithms import client_utils
 
 
 def check_client_work(client_work: tff.templates.MeasuredProcess) -> None:
@@ -133,4 +137,40 @@ def compose_packed_learning_process(
         set_model_weights,
         get_hparams_fn=get_hparams,
         set_hparams_fn=set_hparams,
+    )
+
+
+def initial_model_weights_computation(model) -> tff.Computation:
+    """A no-argument computation returning the FunctionalModel's initial `ModelWeights`."""
+    initial = client_utils.initial_model_weights(model)
+
+    @tff.tensorflow.computation
+    def initial_model_weights_fn():
+        return tf.nest.map_structure(tf.constant, initial)
+
+    return initial_model_weights_fn
+
+
+def compose_model_update_process(
+    model: tff.learning.models.FunctionalModel,
+    client_work: tff.templates.MeasuredProcess,
+    *,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    model_aggregator: tff.aggregators.WeightedAggregationFactory,
+) -> tff.learning.templates.LearningProcess:
+    """The usual one-pass composition: broadcast the model, run `client_work`, aggregate its
+    updates with `model_aggregator`, and apply them with `server_optimizer` (TFF's finalizer)."""
+    client_utils.check_optimizer("server_optimizer", server_optimizer)
+    client_utils.check_weighted_aggregator("model_aggregator", model_aggregator)
+    weights_type = client_utils.model_weights_type(model)
+    return compose_packed_learning_process(
+        initial_model_weights_fn=initial_model_weights_computation(model),
+        model_weights_distributor=tff.learning.templates.build_broadcast_process(weights_type),
+        client_work=client_work,
+        model_update_aggregator=model_aggregator.create(
+            weights_type.trainable, tff.TensorType(np.float32)
+        ),
+        model_finalizer=tff.learning.templates.build_apply_optimizer_finalizer(
+            server_optimizer, weights_type
+        ),
     )

@@ -9,10 +9,10 @@ is that client data arrives as padded tensors, not `tf.data` datasets (about 10x
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -58,7 +58,9 @@ def build_local_sgd_client_work(
             (weights.trainable, weights.non_trainable),
             *[losses.flatten_batches(batches)[k] for k in ("x", "y", "mask")],
         )
-        return client_utils.client_output(delta, num_examples, loss)
+        return client_utils.client_output(
+            delta, num_examples, collections.OrderedDict(train_loss=loss)
+        )
 
     return client_utils.build_client_work(client_update, client_data_type)
 
@@ -92,15 +94,9 @@ def build_fedavg(
       ValueError: If a rate or count is out of range.
     """
     client_utils.check_positive_rate("client_learning_rate", client_learning_rate)
-    if not isinstance(local_epochs, int) or local_epochs < 1:
-        raise ValueError(f"local_epochs must be a positive int, got {local_epochs!r}.")
+    client_utils.check_positive_int("local_epochs", local_epochs)
     server_optimizer = server_optimizer or tff.learning.optimizers.build_sgdm(learning_rate=1.0)
     model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
-    client_utils.check_optimizer("server_optimizer", server_optimizer)
-    client_utils.check_weighted_aggregator("model_aggregator", model_aggregator)
-
-    model = model_fn()
-    weights_type = client_utils.model_weights_type(model)
     client_work = build_local_sgd_client_work(
         model_fn,
         client_data_type,
@@ -108,21 +104,9 @@ def build_fedavg(
         learning_rate=client_learning_rate,
         local_epochs=local_epochs,
     )
-    initial = client_utils.initial_model_weights(model)
-
-    @tff.tensorflow.computation
-    def initial_model_weights_fn():
-        return tf.nest.map_structure(tf.constant, initial)
-
-    return composers.compose_packed_learning_process(
-        initial_model_weights_fn=initial_model_weights_fn,
-        model_weights_distributor=tff.learning.templates.build_broadcast_process(weights_type),
-        client_work=client_work,
-        model_update_aggregator=model_aggregator.create(
-            weights_type.trainable, tff.TensorType(np.float32)
-        ),
-        model_finalizer=tff.learning.templates.build_apply_optimizer_finalizer(
-            server_optimizer, weights_type
-        ),
+    return composers.compose_model_update_process(
+        model_fn(),
+        client_work,
+        server_optimizer=server_optimizer,
+        model_aggregator=model_aggregator,
     )
-

@@ -119,7 +119,9 @@ def pack_client(
     support_idx = rng.permutation(support_idx)
     query_idx = rng.permutation(query_idx)
     return collections.OrderedDict(
-        support=pack_examples(x[support_idx], y[support_idx], pack.support_batches, pack.batch_size),
+        support=pack_examples(
+            x[support_idx], y[support_idx], pack.support_batches, pack.batch_size
+        ),
         query=pack_examples(x[query_idx], y[query_idx], pack.query_batches, pack.batch_size),
     )
 

@@ -1,12 +1,12 @@
 """Task registry: binaries and users pick tasks by name; users add their own without editing us.
 
-    from mfl_tff.data import registry
+from mfl_tff.data import registry
 
-    def build_my_task(*, seed=0, **options) -> FederatedTask:
-        ...  # wrap your ClientData and Keras model, see `registry.task_from_keras`
+def build_my_task(*, seed=0, **options) -> FederatedTask:
+    ...  # wrap your ClientData and Keras model, see `registry.task_from_keras`
 
-    registry.register_task("my_task", build_my_task)
-    task = registry.get_task("my_task", seed=1)
+registry.register_task("my_task", build_my_task)
+task = registry.get_task("my_task", seed=1)
 """
 
 from __future__ import annotations
@@ -68,9 +68,7 @@ def get_task(name: str, *, ignore_unknown_options: bool = False, **options: Any)
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     unknown = sorted(k for k in options if not takes_any and k not in params)
     if unknown and not ignore_unknown_options:
-        raise TypeError(
-            f"Task {name!r} takes no option(s) {unknown}; it takes {sorted(params)}."
-        )
+        raise TypeError(f"Task {name!r} takes no option(s) {unknown}; it takes {sorted(params)}.")
     return builder(**{k: v for k, v in options.items() if k not in unknown})
 
 

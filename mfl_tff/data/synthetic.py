@@ -72,9 +72,7 @@ def build_synthetic(
     )
     if max_examples < 2:
         raise ValueError(f"max_examples must be >= 2, got {max_examples}.")
-    make = functools.partial(
-        _client, alpha=alpha, beta=beta, max_examples=max_examples, seed=seed
-    )
+    make = functools.partial(_client, alpha=alpha, beta=beta, max_examples=max_examples, seed=seed)
     return FederatedTask(
         name="synthetic",
         train_data=ArrayClientData([f"train/{i:05d}" for i in range(num_train_clients)], make),

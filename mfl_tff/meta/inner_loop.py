@@ -7,18 +7,27 @@ import tensorflow as tf
 from mfl_tff.meta import losses
 
 
-def sgd_step(model, problem: str, trainable, non_trainable, batch, step_sizes):
-    """One SGD step on a packed batch; `step_sizes` is a scalar or a structure like `trainable`.
-
-    Differentiable in `trainable` and `step_sizes` (no stop_gradient), which is what exact
-    second-order meta-gradients need.
-    """
+def batch_gradient(model, problem: str, trainable, non_trainable, batch):
+    """Gradient of the masked mean batch loss w.r.t. `trainable`."""
     with tf.GradientTape() as tape:
         tape.watch(trainable)
         loss = losses.model_loss(
             model, problem, (trainable, non_trainable), batch["x"], batch["y"], batch["mask"]
         )
-    grads = tape.gradient(loss, trainable)
+    return tape.gradient(loss, trainable)
+
+
+def sgd_step(
+    model, problem: str, trainable, non_trainable, batch, step_sizes, *, first_order: bool = False
+):
+    """One SGD step on a packed batch; `step_sizes` is a scalar or a structure like `trainable`.
+
+    Differentiable in `trainable` and `step_sizes`, which is what exact second-order
+    meta-gradients need; `first_order` stops the gradient through the batch gradient (FOMAML).
+    """
+    grads = batch_gradient(model, problem, trainable, non_trainable, batch)
+    if first_order:
+        grads = tf.nest.map_structure(tf.stop_gradient, grads)
     if not tf.nest.is_nested(step_sizes):
         step_sizes = tf.nest.map_structure(lambda _: step_sizes, trainable)
     return tf.nest.map_structure(lambda w, g, a: w - a * g, trainable, grads, step_sizes)
@@ -26,7 +35,9 @@ def sgd_step(model, problem: str, trainable, non_trainable, batch, step_sizes):
 
 def concat_parts(data) -> dict:
     """Support and query batches of a packed client, one after the other ([S + Q, B, ...])."""
-    return {k: tf.concat([data["support"][k], data["query"][k]], axis=0) for k in ("x", "y", "mask")}
+    return {
+        k: tf.concat([data["support"][k], data["query"][k]], axis=0) for k in ("x", "y", "mask")
+    }
 
 
 def local_sgd(model, problem: str, weights, batches, step_sizes, epochs: int):

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 
-def mlp(
-    input_shape: Sequence[int], hidden: Sequence[int], num_outputs: int
-) -> tf.keras.Model:
+def mlp(input_shape: Sequence[int], hidden: Sequence[int], num_outputs: int) -> tf.keras.Model:
     """A ReLU multilayer perceptron with a linear output layer (logits or a regression value)."""
     layers = [tf.keras.layers.InputLayer(input_shape=tuple(input_shape))]
     if len(input_shape) > 1:

@@ -190,13 +190,13 @@ def stop_all_workers() -> None:
 
 
 def live_worker_pids() -> list[int]:
-    """Returns the pids of running `worker_binary` processes below this process.
+    """Returns the pids of running `worker_binary` processes that are children of this process.
 
-    Looks at all descendants (not only direct children), so a worker started through a wrapper
-    also counts. Zombies (exited, not yet reaped) do not count: they hold no port and no pipe.
+    Only direct children: workers of our own child processes belong to those. Zombies (exited,
+    not yet reaped) do not count: they hold no port and no pipe.
     """
     pids = []
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children(recursive=False):
         try:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue

@@ -1,0 +1,42 @@
+# mfl_tff: `make demo` and `make test` are the two commands; both set up .venv when needed.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# TFF 0.87.0 pins jax/jaxlib 0.4.14, which the package index does not serve: requirements.txt pins
+# TFF's other requirements with 0.4.13, and TFF itself goes in without its dependencies.
+TFF := tensorflow-federated==0.87.0
+# The stamp is keyed on requirements.txt (and the TFF pin): a ready .venv is never reinstalled.
+STAMP := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(TFF)) | cksum | cut -d' ' -f1)
+RUFF := $(VENV)/bin/ruff
+PYTEST_FLAGS ?= -q
+export PYTHONPATH := $(CURDIR)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test lint format venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(TFF)
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: $(STAMP)
+	$(RUFF) check --config .ci/ruff.toml mfl_tff experiments tests
+	$(RUFF) format --config .ci/ruff.toml --check mfl_tff experiments tests
+
+format: $(STAMP)
+	$(RUFF) format --config .ci/ruff.toml mfl_tff experiments tests
+	$(RUFF) check --config .ci/ruff.toml --fix mfl_tff experiments tests
+
+test: lint
+	$(PY) -m pytest -o python_files='*_test.py' -p no:cacheprovider $(PYTEST_FLAGS) tests
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,221 @@
+"""The FedMeta family: MAML, first-order MAML and Reptile as federated algorithms.
+
+FedMeta (Chen et al., "Federated Meta-Learning with Fast Convergence and Efficient Communication",
+arXiv 1802.07876) runs a meta-learner's outer loop at the server and its inner loop on each client:
+every client adapts the global model on its `support` set and reports a meta-gradient measured on its
+`query` set; the server averages them and steps a meta-optimizer (any `tff.learning.optimizers`).
+
+* `maml`: exact second-order meta-gradient through K inner steps (Finn et al., arXiv 1703.03400).
+* `fomaml`: the first-order approximation (same paper, section 5.2).
+* `reptile`: K SGD steps on all of a client's batches; the server moves toward the adapted model
+  with step epsilon (Nichol et al., "On First-Order Meta-Learning Algorithms", arXiv 1803.02999).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Optional
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from mfl_tff.algorithms import client_utils, composers
+from mfl_tff.meta import gradients, inner_loop, losses
+
+
+def build_maml_client_work(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    *,
+    problem: str,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool,
+) -> tff.templates.MeasuredProcess:
+    """Client work returning the meta-gradient w.r.t. theta, weighted by the query size."""
+    model = model_fn()
+    weights_type = client_utils.model_weights_type(model)
+
+    @tff.tensorflow.computation(weights_type, client_data_type)
+    def client_update(weights, data):
+        alpha = (tf.constant(inner_lr, tf.float32),)
+        grad_theta, _, pre_loss, post_loss, post_metric = gradients.meta_gradients(
+            model,
+            problem,
+            (weights.trainable, weights.non_trainable),
+            data,
+            alpha,
+            inner_steps,
+            first_order=first_order,
+        )
+        _, pre_metric = losses.part_loss_and_metric(
+            model, problem, (weights.trainable, weights.non_trainable), data["query"]
+        )
+        return client_utils.client_output(
+            grad_theta,
+            tf.reduce_sum(data["query"]["mask"]),
+            collections.OrderedDict(
+                pre_adaptation_loss=pre_loss,
+                post_adaptation_loss=post_loss,
+                pre_adaptation_metric=pre_metric,
+                post_adaptation_metric=post_metric,
+            ),
+        )
+
+    return client_utils.build_client_work(client_update, client_data_type)
+
+
+def _build_maml(model_fn, client_data_type, *, first_order, **options):
+    problem = options["problem"]
+    client_utils.check_positive_rate("inner_lr", options["inner_lr"])
+    client_utils.check_positive_int("inner_steps", options["inner_steps"])
+    client_work = build_maml_client_work(
+        model_fn,
+        client_data_type,
+        problem=problem,
+        inner_lr=options["inner_lr"],
+        inner_steps=options["inner_steps"],
+        first_order=first_order,
+    )
+    return composers.compose_model_update_process(
+        model_fn(),
+        client_work,
+        server_optimizer=options["meta_optimizer"] or tff.learning.optimizers.build_adam(1e-3),
+        model_aggregator=options["model_aggregator"] or tff.aggregators.MeanFactory(),
+    )
+
+
+def build_maml(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    *,
+    problem: str,
+    inner_lr: float = 0.01,
+    inner_steps: int = 1,
+    meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+) -> tff.learning.templates.LearningProcess:
+    """Federated MAML with the exact second-order meta-gradient.
+
+    Args:
+      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
+      client_data_type: TFF type of one packed client.
+      problem: 'classification' or 'regression'.
+      inner_lr: Inner-loop SGD step size (fixed, not learned).
+      inner_steps: Inner steps K on the support set.
+      meta_optimizer: Server optimizer on theta; default Adam(1e-3).
+      model_aggregator: Weighted aggregator of the meta-gradients; default mean.
+
+    Returns:
+      A `tff.learning.templates.LearningProcess`.
+    """
+    return _build_maml(
+        model_fn,
+        client_data_type,
+        first_order=False,
+        problem=problem,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        meta_optimizer=meta_optimizer,
+        model_aggregator=model_aggregator,
+    )
+
+
+def build_fomaml(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    *,
+    problem: str,
+    inner_lr: float = 0.01,
+    inner_steps: int = 1,
+    meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+) -> tff.learning.templates.LearningProcess:
+    """Federated first-order MAML: the meta-gradient is grad L_query(theta_K).
+
+    Args are those of `build_maml`.
+    """
+    return _build_maml(
+        model_fn,
+        client_data_type,
+        first_order=True,
+        problem=problem,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        meta_optimizer=meta_optimizer,
+        model_aggregator=model_aggregator,
+    )
+
+
+def build_reptile_client_work(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    *,
+    problem: str,
+    inner_lr: float,
+    inner_steps: int,
+) -> tff.templates.MeasuredProcess:
+    """Client work: K SGD steps over all batches in turn; returns theta - theta_K."""
+    model = model_fn()
+    weights_type = client_utils.model_weights_type(model)
+
+    @tff.tensorflow.computation(weights_type, client_data_type)
+    def client_update(weights, data):
+        batches = inner_loop.concat_parts(data)
+        trainable = gradients.adapt(
+            model,
+            problem,
+            tuple(weights.trainable),
+            tuple(weights.non_trainable),
+            batches,
+            tf.constant(inner_lr, tf.float32),
+            inner_steps,
+        )
+        delta = tf.nest.map_structure(tf.subtract, tuple(weights.trainable), trainable)
+        loss, _ = losses.part_loss_and_metric(
+            model, problem, (weights.trainable, weights.non_trainable), batches
+        )
+        return client_utils.client_output(
+            delta, tf.reduce_sum(batches["mask"]), collections.OrderedDict(train_loss=loss)
+        )
+
+    return client_utils.build_client_work(client_update, client_data_type)
+
+
+def build_reptile(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    *,
+    problem: str,
+    inner_lr: float = 0.01,
+    inner_steps: int = 5,
+    outer_step_size: float = 1.0,
+    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+) -> tff.learning.templates.LearningProcess:
+    """Federated Reptile: theta <- theta - epsilon * mean(theta - theta_K).
+
+    Args:
+      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
+      client_data_type: TFF type of one packed client.
+      problem: 'classification' or 'regression'.
+      inner_lr: Client SGD step size.
+      inner_steps: SGD steps K per client (batches used in turn, support then query).
+      outer_step_size: Reptile's epsilon: the server SGD step on the mean delta.
+      model_aggregator: Weighted aggregator of the deltas; default mean.
+
+    Returns:
+      A `tff.learning.templates.LearningProcess`.
+    """
+    client_utils.check_positive_rate("inner_lr", inner_lr)
+    client_utils.check_positive_rate("outer_step_size", outer_step_size)
+    client_utils.check_positive_int("inner_steps", inner_steps)
+    client_work = build_reptile_client_work(
+        model_fn, client_data_type, problem=problem, inner_lr=inner_lr, inner_steps=inner_steps
+    )
+    return composers.compose_model_update_process(
+        model_fn(),
+        client_work,
+        server_optimizer=tff.learning.optimizers.build_sgdm(learning_rate=outer_step_size),
+        model_aggregator=model_aggregator or tff.aggregators.MeanFactory(),
+    )

@@ -1,0 +1,113 @@
+"""Meta-gradients through a K-step inner loop, exact (second-order) or first-order.
+
+For a client with support batches s_0..s_{S-1} and query set q, with per-coordinate step sizes a:
+
+    theta_0 = theta,  theta_k = theta_{k-1} - a * grad L(theta_{k-1}; s_{(k-1) mod S}),
+    meta-loss  L_q(theta_K).
+
+Exact mode differentiates L_q(theta_K) w.r.t. theta and a through every inner step (Hessian terms
+included), as MAML (arXiv 1703.03400) and Meta-SGD (arXiv 1707.09835). First-order mode stops the
+gradient through the inner gradients, so d theta_K / d theta = I and
+d L_q / d a = -sum_k grad L_q(theta_K) * g_k, the first-order formula (FOMAML).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mfl_tff.meta import hparams, inner_loop, losses
+
+
+def support_batch(support, k: int):
+    """The k-th inner step's batch: support batches are used in turn."""
+    num_batches = support["mask"].shape[0]
+    return {key: value[k % num_batches] for key, value in support.items()}
+
+
+def adapt(
+    model,
+    problem: str,
+    trainable,
+    non_trainable,
+    support,
+    step_sizes,
+    num_steps: int,
+    *,
+    first_order: bool = False,
+):
+    """`num_steps` SGD steps on `support` with `step_sizes` (a scalar or a structure like
+    `trainable`), unrolled so that gradients flow to `trainable` and `step_sizes`."""
+    for k in range(num_steps):
+        trainable = inner_loop.sgd_step(
+            model,
+            problem,
+            trainable,
+            non_trainable,
+            support_batch(support, k),
+            step_sizes,
+            first_order=first_order,
+        )
+    return trainable
+
+
+def meta_gradients(
+    model,
+    problem: str,
+    weights,
+    data,
+    alpha,
+    num_steps: int,
+    *,
+    first_order: bool = False,
+):
+    """Gradients of the post-adaptation query loss w.r.t. theta and alpha.
+
+    Args:
+      model: A `tff.learning.models.FunctionalModel`.
+      problem: 'classification' or 'regression'.
+      weights: (trainable, non_trainable) tuples: theta.
+      data: A packed client (`support`, `query`).
+      alpha: Meta-parameters (see `mfl_tff.meta.hparams`), any granularity.
+      num_steps: Inner steps K.
+      first_order: Drop second-order terms.
+
+    Returns:
+      (grad_theta, grad_alpha, pre_adaptation_query_loss, post_adaptation_query_loss,
+       post_adaptation_query_metric).
+    """
+    trainable, non_trainable = tuple(weights[0]), tuple(weights[1])
+    alpha = tuple(alpha)
+    with tf.GradientTape(persistent=False) as tape:
+        tape.watch((trainable, alpha))
+        adapted = adapt(
+            model,
+            problem,
+            trainable,
+            non_trainable,
+            data["support"],
+            hparams.expand(alpha, trainable),
+            num_steps,
+            first_order=first_order,
+        )
+        post_loss, post_metric = losses.part_loss_and_metric(
+            model, problem, (adapted, non_trainable), data["query"]
+        )
+    grad_theta, grad_alpha = tape.gradient(post_loss, (trainable, alpha))
+    pre_loss, _ = losses.part_loss_and_metric(
+        model, problem, (trainable, non_trainable), data["query"]
+    )
+    return grad_theta, grad_alpha, pre_loss, post_loss, post_metric
+
+
+def hessian_vector_product(model, problem: str, trainable, non_trainable, batch, vector):
+    """H v for the Hessian of the batch loss at `trainable`, by double backprop (no Hessian built)."""
+    with tf.GradientTape() as outer:
+        outer.watch(trainable)
+        with tf.GradientTape() as inner:
+            inner.watch(trainable)
+            loss = losses.model_loss(
+                model, problem, (trainable, non_trainable), batch["x"], batch["y"], batch["mask"]
+            )
+        grads = inner.gradient(loss, trainable)
+        dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(v)) for g, v in zip(grads, vector)])
+    return outer.gradient(dot, trainable)
