@@ -16,8 +16,8 @@ we own:
   `worker_binary --port=N` on another host) through the same code path, and fails fast with a
   `ConnectionError` if nothing answers.
 * Every started worker is registered: `atexit` and a SIGTERM handler stop the ones still running,
-  and `stop_all_workers()` does it on demand. `live_worker_pids()` lists `worker_binary`
-  processes below this one, for tests and diagnostics.
+  and `stop_all_workers()` does it on demand. `live_worker_pids()` lists the `worker_binary`
+  children of this process, for tests and diagnostics.
 
 Typical use::
 
@@ -30,9 +30,9 @@ Notes:
     entered the `with` block (TFF's own import-time default context is likewise set only in the
     thread that imported TFF).
 
-    A worker still dies with us if our process is killed by SIGKILL only when the whole process
-    group is killed; a lone SIGKILL of this process leaves the worker running, but because its
-    output does not go to our stdout it no longer keeps a pipe open.
+    Nothing of ours runs if this process is killed with SIGKILL. The worker then survives unless
+    the whole process group is killed (it stays in ours for that reason), but as its output does
+    not go to our stdout, it no longer keeps a pipe open.
 """
 
 from __future__ import annotations
@@ -275,7 +275,6 @@ class WorkerService:
         self._stop_timeout_s = stop_timeout_s
         # Re-entrant so that the SIGTERM handler can stop a worker whose `stop()` it interrupted.
         self._lock = threading.RLock()
-        self._returncode: Optional[int] = None
         args = [
             str(binary),
             f"--port={self.port}",

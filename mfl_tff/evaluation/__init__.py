@@ -1,0 +1,1 @@
+"""Personalization evaluation on held-out clients, as a federated computation, and its summaries."""

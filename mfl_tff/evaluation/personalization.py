@@ -1,0 +1,152 @@
+"""Personalization evaluation: adapt each held-out client on its support set, score its query set.
+
+A `tff.federated_computation` takes the model weights and the adaptation rates at SERVER and the
+held-out clients' packed data at CLIENTS, and returns, per client, the query loss and metric after
+0, 1, ..., `max_steps` adaptation steps under two rules:
+
+* `own`: the algorithm's own rule: its learned alpha (mfl, meta_sgd), or fixed-rate fine-tuning;
+* `fine_tune`: fixed-rate SGD fine-tuning with the same step budget, the same for every algorithm,
+  so that algorithms are compared on equal terms.
+
+Per-client values come back to the driver (`CLIENTS`-placed results), where `summaries` reports
+mean, p10, median and p90. Learned rates are trained for K steps and can diverge when run longer,
+so beyond `guard_after` steps a step of the `own` rule that raises the support loss (or makes it
+non-finite) is rejected.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from mfl_tff.algorithms import client_utils
+from mfl_tff.meta import gradients, hparams, inner_loop, losses
+
+
+def _curve(model, problem, trainable, non_trainable, data, step_sizes, max_steps, guard_after):
+    """Query loss/metric after 0..max_steps steps; steps past `guard_after` are guarded."""
+    loss_curve, metric_curve = [], []
+    support_all = losses.flatten_batches(data["support"])
+
+    def support_loss(weights):
+        return losses.model_loss(
+            model,
+            problem,
+            (weights, non_trainable),
+            support_all["x"],
+            support_all["y"],
+            support_all["mask"],
+        )
+
+    for step in range(max_steps + 1):
+        loss, metric = losses.part_loss_and_metric(
+            model, problem, (trainable, non_trainable), data["query"]
+        )
+        loss_curve.append(loss)
+        metric_curve.append(metric)
+        if step == max_steps:
+            break
+        stepped = inner_loop.sgd_step(
+            model,
+            problem,
+            trainable,
+            non_trainable,
+            gradients.support_batch(data["support"], step),
+            step_sizes,
+        )
+        if step >= guard_after:
+            before, after = support_loss(trainable), support_loss(stepped)
+            accept = tf.logical_and(
+                tf.logical_and(tf.math.is_finite(after), after <= before),
+                client_utils.all_finite(stepped),
+            )
+            stepped = tuple(tf.where(accept, s, t) for s, t in zip(stepped, trainable))
+        trainable = tuple(stepped)
+    return tf.stack(loss_curve), tf.stack(metric_curve)
+
+
+def build_personalization_eval(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    alpha_type: tff.Type,
+    *,
+    problem: str,
+    max_steps: int,
+    fine_tune_lr: float,
+    guard_after: int,
+) -> tff.Computation:
+    """Builds the personalization evaluation computation.
+
+    Args:
+      model_fn: No-argument callable returning the `tff.learning.models.FunctionalModel`.
+      client_data_type: TFF type of one packed held-out client.
+      alpha_type: TFF type of the `own` rule's rates (a tuple; see `mfl_tff.meta.hparams`); use
+        `fixed_rate_alpha(lr)` for algorithms that fine-tune at a fixed rate.
+      problem: 'classification' or 'regression'.
+      max_steps: Adaptation steps S of the curve (0..S).
+      fine_tune_lr: Rate of the shared fine-tuning baseline.
+      guard_after: Steps of the `own` rule after which divergence is guarded (its trained K).
+
+    Returns:
+      A computation `(model_weights@SERVER, alpha@SERVER, data@{CLIENTS}) ->
+      OrderedDict(own_loss, own_metric, fine_tune_loss, fine_tune_metric)@CLIENTS`, each a float32
+      vector of length max_steps + 1 per client.
+    """
+    client_utils.check_positive_int("max_steps", max_steps)
+    client_utils.check_positive_rate("fine_tune_lr", fine_tune_lr)
+    model = model_fn()
+    weights_type = client_utils.model_weights_type(model)
+
+    @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
+    def client_eval(weights, alpha, data):
+        trainable, non_trainable = tuple(weights.trainable), tuple(weights.non_trainable)
+        own_loss, own_metric = _curve(
+            model,
+            problem,
+            trainable,
+            non_trainable,
+            data,
+            hparams.expand(tuple(alpha), trainable),
+            max_steps,
+            guard_after,
+        )
+        ft_loss, ft_metric = _curve(
+            model,
+            problem,
+            trainable,
+            non_trainable,
+            data,
+            tf.constant(fine_tune_lr, tf.float32),
+            max_steps,
+            max_steps,
+        )
+        return collections.OrderedDict(
+            own_loss=own_loss,
+            own_metric=own_metric,
+            fine_tune_loss=ft_loss,
+            fine_tune_metric=ft_metric,
+        )
+
+    @tff.federated_computation(
+        tff.FederatedType(weights_type, tff.SERVER),
+        tff.FederatedType(alpha_type, tff.SERVER),
+        tff.FederatedType(client_data_type, tff.CLIENTS),
+    )
+    def evaluate(weights, alpha, data):
+        return tff.federated_map(
+            client_eval,
+            tff.federated_zip(
+                (tff.federated_broadcast(weights), tff.federated_broadcast(alpha), data)
+            ),
+        )
+
+    return evaluate
+
+
+def fixed_rate_alpha(lr: float) -> tuple[np.ndarray]:
+    """The `own` rule's rates for algorithms without learned rates: a scalar fine-tuning rate."""
+    return (np.float32(lr),)

@@ -1,0 +1,73 @@
+"""Personalization evaluation of a trained state on a task's held-out clients."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from mfl_tff.algorithms import meta_composer
+from mfl_tff.algorithms import builders
+from mfl_tff.evaluation import personalization, summaries
+
+_COMPUTATIONS: dict = {}
+
+
+def _eval_computation(task, alpha: tuple, max_steps: int, fine_tune_lr: float, guard_after: int):
+    """Builds (once per task, alpha shape and settings) the evaluation computation."""
+    key = (id(task), tuple(np.shape(a) for a in alpha), max_steps, fine_tune_lr, guard_after)
+    if key not in _COMPUTATIONS:
+        _COMPUTATIONS[key] = personalization.build_personalization_eval(
+            task.model_fn,
+            task.client_data_type("eval"),
+            meta_composer.alpha_type_of(alpha),
+            problem=task.problem,
+            max_steps=max_steps,
+            fine_tune_lr=fine_tune_lr,
+            guard_after=guard_after,
+        )
+    return _COMPUTATIONS[key]
+
+
+def evaluate(
+    process,
+    state,
+    spec: builders.AlgorithmSpec,
+    task,
+    *,
+    fine_tune_lr: float,
+    max_steps: int,
+    rounds: int,
+    num_clients: Optional[int] = None,
+    fine_tune_steps: Optional[int] = None,
+) -> dict:
+    """Adapts held-out clients with the algorithm's rule and the shared fine-tuning baseline.
+
+    Args:
+      process: The trained `LearningProcess`.
+      state: Its state.
+      spec: The algorithm's spec (`mfl_tff.algorithms.builders.build_algorithm`).
+      task: The `FederatedTask`.
+      fine_tune_lr: Rate of the fine-tuning baseline (and the own rule of non-alpha algorithms).
+      max_steps: Length of the adaptation curves.
+      rounds: Rounds trained (recorded in the report).
+      num_clients: Held-out clients to use (default: all of them).
+      fine_tune_steps: Step at which "after adaptation" is read for fine-tuning (default max_steps).
+
+    Returns:
+      The `personalization.json` document (see `mfl_tff.evaluation.summaries`).
+    """
+    alpha = builders.evaluation_alpha(process, state, spec, fine_tune_lr)
+    own_steps = min(spec.eval_steps, max_steps) if spec.learns_alpha else max_steps
+    computation = _eval_computation(task, alpha, max_steps, fine_tune_lr, own_steps)
+    ids = task.eval_data.client_ids[: num_clients or len(task.eval_data.client_ids)]
+    per_client = computation(process.get_model_weights(state), alpha, task.eval_clients(ids))
+    return summaries.personalization_report(
+        per_client,
+        task=task.name,
+        algorithm=spec.name,
+        metric=task.metric,
+        rounds=rounds,
+        own_steps=own_steps,
+        fine_tune_steps=fine_tune_steps or max_steps,
+    )
