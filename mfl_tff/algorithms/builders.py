@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import fedavg, fedmeta, meta_sgd, mfl, per_fedavg
+from mfl_tff.algorithms import cohorts, fedavg, fedmeta, meta_sgd, mfl, per_fedavg
 
 ALGORITHMS = (
     "fedavg",
@@ -62,6 +62,8 @@ class AlgorithmOptions:
       outer_lr: Per-FedAvg's beta.
       alpha_granularity, adaptive_update, adaptive_data, first_order: mfl's options.
       model_aggregator, meta_aggregator: Weighted `tff.aggregators` factories (None: mean).
+      cohort_size: Clients stacked per federated client (`mfl_tff.algorithms.cohorts`); feed
+        the process `cohorts.make_cohorts(clients, cohort_size)`. None: one client each.
     """
 
     inner_lr: float = 0.01
@@ -78,6 +80,7 @@ class AlgorithmOptions:
     first_order: bool = False
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None
     meta_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None
+    cohort_size: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,13 @@ class AlgorithmSpec:
     name: str
     learns_alpha: bool
     eval_steps: int
+    cohort_size: Optional[int] = None
+
+    def client_values(self, clients: list) -> list:
+        """What `process.next` takes for these packed clients (cohorts when enabled)."""
+        if self.cohort_size is None:
+            return clients
+        return cohorts.make_cohorts(clients, self.cohort_size)
 
 
 def _server_optimizer(options: AlgorithmOptions, default_name: str, default_lr: float):
@@ -97,7 +107,7 @@ def _server_optimizer(options: AlgorithmOptions, default_name: str, default_lr: 
 
 
 def build_algorithm(
-    name: str, task, options: AlgorithmOptions = AlgorithmOptions()
+    name: str, task, options: Optional[AlgorithmOptions] = None
 ) -> tuple[tff.learning.templates.LearningProcess, AlgorithmSpec]:
     """Builds algorithm `name` for `task` (a `mfl_tff.data.FederatedTask`).
 
@@ -106,7 +116,8 @@ def build_algorithm(
     """
     if name not in ALGORITHMS:
         raise ValueError(f"Unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}.")
-    common = dict(problem=task.problem)
+    options = options or AlgorithmOptions()
+    common = dict(problem=task.problem, cohort_size=options.cohort_size)
     args = (task.model_fn, task.client_data_type())
     meta_opt = build_optimizer(options.meta_optimizer, options.meta_lr)
     steps = options.inner_steps
@@ -176,7 +187,12 @@ def build_algorithm(
             model_aggregator=options.model_aggregator,
             meta_aggregator=options.meta_aggregator,
         )
-    spec = AlgorithmSpec(name=name, learns_alpha=name in ("mfl", "meta_sgd"), eval_steps=steps)
+    spec = AlgorithmSpec(
+        name=name,
+        learns_alpha=name in ("mfl", "meta_sgd"),
+        eval_steps=steps,
+        cohort_size=options.cohort_size,
+    )
     return process, spec
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from mfl_tff.algorithms import cohorts
 
 
 def model_weights_type(model: tff.learning.models.FunctionalModel) -> tff.Type:
@@ -38,7 +42,9 @@ def all_finite(structure) -> tf.Tensor:
 
 def global_norm(structure) -> tf.Tensor:
     """L2 norm of all tensors in `structure` together."""
-    return tf.linalg.global_norm(tf.nest.flatten(structure))
+    # Spelled out rather than tf.linalg.global_norm: its L2Loss op has no vectorized_map
+    # converter, which would force a while_loop inside client cohorts.
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tf.nest.flatten(structure)]))
 
 
 def client_output(update, weight, metrics) -> collections.OrderedDict:
@@ -64,6 +70,8 @@ def client_output(update, weight, metrics) -> collections.OrderedDict:
         metrics=metrics,
         num_examples=weight,
         rejected=tf.cast(tf.logical_not(finite), tf.int32),
+        # Padding clients of a cohort have no examples and are not counted.
+        num_clients=tf.cast(weight > 0, tf.int32),
     )
 
 
@@ -76,17 +84,65 @@ def federated_client_metrics(out) -> tff.Value:
         for name in metric_names
     )
     summary["num_examples"] = tff.federated_sum(out.num_examples)
-    summary["num_clients"] = tff.federated_sum(tff.federated_value(1, tff.CLIENTS))
+    summary["num_clients"] = tff.federated_sum(out.num_clients)
     summary["num_clients_rejected"] = tff.federated_sum(out.rejected)
     return tff.federated_zip(summary)
 
 
+def build_client_computation(
+    client_fn: Callable,
+    server_arg_types: Sequence[tff.Type],
+    client_data_type: tff.Type,
+    *,
+    cohort_size: Optional[int] = None,
+) -> tff.Computation:
+    """Wraps `client_fn(*server_args, data) -> client_output(...)` as a TFF computation.
+
+    With `cohort_size`, the computation takes `cohort_size` stacked clients instead of one and
+    returns their reduced output (see `mfl_tff.algorithms.cohorts`).
+    """
+    if cohort_size is None:
+        data_type = client_data_type
+    else:
+        check_positive_int("cohort_size", cohort_size)
+        data_type = cohorts.stacked_type(client_data_type, cohort_size)
+
+    def run(server_args, data):
+        if cohort_size is None:
+            return client_fn(*server_args, data)
+        return cohorts.map_cohort(client_fn, server_args, data)
+
+    # TFF computations take no *args, so the two arities our algorithms use are spelled out.
+    if len(server_arg_types) == 1:
+
+        @tff.tensorflow.computation(server_arg_types[0], data_type)
+        def client_computation(weights, data):
+            return run((weights,), data)
+
+    elif len(server_arg_types) == 2:
+
+        @tff.tensorflow.computation(server_arg_types[0], server_arg_types[1], data_type)
+        def client_computation(weights, meta_params, data):
+            return run((weights, meta_params), data)
+
+    else:
+        raise ValueError(f"Expected 1 or 2 server arguments, got {len(server_arg_types)}.")
+    return client_computation
+
+
 def build_client_work(
-    client_update: tff.Computation, client_data_type: tff.Type
+    client_fn: Callable,
+    weights_type: tff.Type,
+    client_data_type: tff.Type,
+    *,
+    cohort_size: Optional[int] = None,
 ) -> tff.templates.MeasuredProcess:
-    """Wraps a per-client `tff.tensorflow.computation(weights, data) -> client_output(...)` as a
-    packed client work process with stateless server state (see `federated_client_metrics`)."""
-    weights_type = client_update.type_signature.parameter[0]
+    """A packed client work process running `client_fn(weights, data) -> client_output(...)` on
+    every client (or cohort), with stateless server state and `federated_client_metrics`."""
+    client_update = build_client_computation(
+        client_fn, (weights_type,), client_data_type, cohort_size=cohort_size
+    )
+    data_type = client_update.type_signature.parameter[1]
 
     @tff.federated_computation()
     def init_fn():
@@ -95,7 +151,7 @@ def build_client_work(
     @tff.federated_computation(
         init_fn.type_signature.result,
         tff.FederatedType(weights_type, tff.CLIENTS),
-        tff.FederatedType(client_data_type, tff.CLIENTS),
+        tff.FederatedType(data_type, tff.CLIENTS),
     )
     def next_fn(state, weights, data):
         out = tff.federated_map(client_update, (weights, data))

@@ -27,6 +27,7 @@ def build_local_sgd_client_work(
     problem: str,
     learning_rate: float,
     local_epochs: int = 1,
+    cohort_size: Optional[int] = None,
 ) -> tff.templates.MeasuredProcess:
     """Client work: `local_epochs` of SGD over all of a client's batches (support, then query).
 
@@ -39,7 +40,6 @@ def build_local_sgd_client_work(
     model = model_fn()
     weights_type = client_utils.model_weights_type(model)
 
-    @tff.tensorflow.computation(weights_type, client_data_type)
     def client_update(weights, data):
         batches = inner_loop.concat_parts(data)
         trainable = inner_loop.local_sgd(
@@ -62,7 +62,9 @@ def build_local_sgd_client_work(
             delta, num_examples, collections.OrderedDict(train_loss=loss)
         )
 
-    return client_utils.build_client_work(client_update, client_data_type)
+    return client_utils.build_client_work(
+        client_update, weights_type, client_data_type, cohort_size=cohort_size
+    )
 
 
 def build_fedavg(
@@ -74,6 +76,7 @@ def build_fedavg(
     local_epochs: int = 1,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds FedAvg over packed client data.
 
@@ -84,7 +87,8 @@ def build_fedavg(
       client_learning_rate: Step size of the clients' local SGD.
       local_epochs: Passes over each client's batches per round.
       server_optimizer: A `tff.learning.optimizers.Optimizer`; default SGD with rate 1.0 (FedAvg).
-      model_aggregator: A weighted `tff.aggregators` factory; default `tff.aggregators.MeanFactory()`.
+      model_aggregator: A weighted `tff.aggregators` factory; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -103,6 +107,7 @@ def build_fedavg(
         problem=problem,
         learning_rate=client_learning_rate,
         local_epochs=local_epochs,
+        cohort_size=cohort_size,
     )
     return composers.compose_model_update_process(
         model_fn(),

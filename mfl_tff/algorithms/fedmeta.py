@@ -32,12 +32,12 @@ def build_maml_client_work(
     inner_lr: float,
     inner_steps: int,
     first_order: bool,
+    cohort_size: Optional[int] = None,
 ) -> tff.templates.MeasuredProcess:
     """Client work returning the meta-gradient w.r.t. theta, weighted by the query size."""
     model = model_fn()
     weights_type = client_utils.model_weights_type(model)
 
-    @tff.tensorflow.computation(weights_type, client_data_type)
     def client_update(weights, data):
         alpha = (tf.constant(inner_lr, tf.float32),)
         grad_theta, _, pre_loss, post_loss, post_metric = gradients.meta_gradients(
@@ -63,7 +63,9 @@ def build_maml_client_work(
             ),
         )
 
-    return client_utils.build_client_work(client_update, client_data_type)
+    return client_utils.build_client_work(
+        client_update, weights_type, client_data_type, cohort_size=cohort_size
+    )
 
 
 def _build_maml(model_fn, client_data_type, *, first_order, **options):
@@ -77,6 +79,7 @@ def _build_maml(model_fn, client_data_type, *, first_order, **options):
         inner_lr=options["inner_lr"],
         inner_steps=options["inner_steps"],
         first_order=first_order,
+        cohort_size=options["cohort_size"],
     )
     return composers.compose_model_update_process(
         model_fn(),
@@ -95,6 +98,7 @@ def build_maml(
     inner_steps: int = 1,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Federated MAML with the exact second-order meta-gradient.
 
@@ -106,6 +110,7 @@ def build_maml(
       inner_steps: Inner steps K on the support set.
       meta_optimizer: Server optimizer on theta; default Adam(1e-3).
       model_aggregator: Weighted aggregator of the meta-gradients; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -119,6 +124,7 @@ def build_maml(
         inner_steps=inner_steps,
         meta_optimizer=meta_optimizer,
         model_aggregator=model_aggregator,
+        cohort_size=cohort_size,
     )
 
 
@@ -131,6 +137,7 @@ def build_fomaml(
     inner_steps: int = 1,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Federated first-order MAML: the meta-gradient is grad L_query(theta_K).
 
@@ -145,6 +152,7 @@ def build_fomaml(
         inner_steps=inner_steps,
         meta_optimizer=meta_optimizer,
         model_aggregator=model_aggregator,
+        cohort_size=cohort_size,
     )
 
 
@@ -155,12 +163,12 @@ def build_reptile_client_work(
     problem: str,
     inner_lr: float,
     inner_steps: int,
+    cohort_size: Optional[int] = None,
 ) -> tff.templates.MeasuredProcess:
     """Client work: K SGD steps over all batches in turn; returns theta - theta_K."""
     model = model_fn()
     weights_type = client_utils.model_weights_type(model)
 
-    @tff.tensorflow.computation(weights_type, client_data_type)
     def client_update(weights, data):
         batches = inner_loop.concat_parts(data)
         trainable = gradients.adapt(
@@ -180,7 +188,9 @@ def build_reptile_client_work(
             delta, tf.reduce_sum(batches["mask"]), collections.OrderedDict(train_loss=loss)
         )
 
-    return client_utils.build_client_work(client_update, client_data_type)
+    return client_utils.build_client_work(
+        client_update, weights_type, client_data_type, cohort_size=cohort_size
+    )
 
 
 def build_reptile(
@@ -192,6 +202,7 @@ def build_reptile(
     inner_steps: int = 5,
     outer_step_size: float = 1.0,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Federated Reptile: theta <- theta - epsilon * mean(theta - theta_K).
 
@@ -203,6 +214,7 @@ def build_reptile(
       inner_steps: SGD steps K per client (batches used in turn, support then query).
       outer_step_size: Reptile's epsilon: the server SGD step on the mean delta.
       model_aggregator: Weighted aggregator of the deltas; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -211,7 +223,12 @@ def build_reptile(
     client_utils.check_positive_rate("outer_step_size", outer_step_size)
     client_utils.check_positive_int("inner_steps", inner_steps)
     client_work = build_reptile_client_work(
-        model_fn, client_data_type, problem=problem, inner_lr=inner_lr, inner_steps=inner_steps
+        model_fn,
+        client_data_type,
+        problem=problem,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        cohort_size=cohort_size,
     )
     return composers.compose_model_update_process(
         model_fn(),

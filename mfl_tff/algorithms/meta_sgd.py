@@ -31,6 +31,7 @@ def build_meta_sgd(
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
     meta_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds federated Meta-SGD.
 
@@ -43,6 +44,7 @@ def build_meta_sgd(
       meta_optimizer: Optimizer on theta and on alpha (separate states); default Adam(1e-3).
       model_aggregator: Weighted factory for the theta meta-gradients; default mean.
       meta_aggregator: Weighted factory for the alpha meta-gradients; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`; `get_hparams(state)['alpha']` is the learned alpha.
@@ -55,7 +57,6 @@ def build_meta_sgd(
     alpha_type = meta_composer.alpha_type_of(alpha0)
     weights_type = client_utils.model_weights_type(model)
 
-    @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
     def client_update(weights, alpha, data):
         grad_theta, grad_alpha, pre_loss, post_loss, post_metric = gradients.meta_gradients(
             model,
@@ -75,10 +76,14 @@ def build_meta_sgd(
             ),
         )
 
+    client_computation = client_utils.build_client_computation(
+        client_update, (weights_type, alpha_type), client_data_type, cohort_size=cohort_size
+    )
+
     def round_fn(parts, state, client_data):
         distributed = parts["distributor"].next(state.distributor, state.global_model_weights)
         out = tff.federated_map(
-            client_update,
+            client_computation,
             tff.federated_zip(
                 (distributed.result, tff.federated_broadcast(state.alpha), client_data)
             ),
@@ -115,7 +120,7 @@ def build_meta_sgd(
         model=model,
         initial_alpha=alpha0,
         round_fn=round_fn,
-        client_data_type=client_data_type,
+        client_data_type=client_computation.type_signature.parameter[2],
         model_aggregator=model_aggregator or tff.aggregators.MeanFactory(),
         meta_aggregator=meta_aggregator or tff.aggregators.MeanFactory(),
         server_optimizer=meta_optimizer,

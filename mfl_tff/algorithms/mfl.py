@@ -64,6 +64,7 @@ def build_mfl(
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
     meta_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds the two-phase MFL learning process.
 
@@ -87,6 +88,7 @@ def build_mfl(
       server_optimizer: Optimizer on theta; default Adam(1e-3) for 'meta', SGD(1.0) for 'local'.
       model_aggregator: Weighted factory for the adaptive updates; default mean.
       meta_aggregator: Weighted factory for the alpha meta-gradients; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`. Metrics: `meta_client_work` (pre/post-adaptation
@@ -122,7 +124,6 @@ def build_mfl(
     def unpack(weights):
         return tuple(weights.trainable), tuple(weights.non_trainable)
 
-    @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
     def local_update(weights, alpha, data):
         _, grad_alpha, metrics = _adaptation_metrics(
             model, problem, unpack(weights), data, tuple(alpha), inner_steps, first_order
@@ -131,7 +132,6 @@ def build_mfl(
             tuple(grad_alpha), tf.reduce_sum(data["query"]["mask"]), metrics
         )
 
-    @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
     def adaptive_update_fn(weights, alpha, data):
         trainable, non_trainable = unpack(weights)
         if adaptive_update == "meta":
@@ -162,18 +162,26 @@ def build_mfl(
             delta, tf.reduce_sum(batches["mask"]), collections.OrderedDict(train_loss=loss)
         )
 
+    local_computation, adaptive_computation = (
+        client_utils.build_client_computation(
+            fn, (weights_type, alpha_type), client_data_type, cohort_size=cohort_size
+        )
+        for fn in (local_update, adaptive_update_fn)
+    )
+
     def round_fn(parts, state, client_data):
         distributed = parts["distributor"].next(state.distributor, state.global_model_weights)
         alpha_at_clients = tff.federated_broadcast(state.alpha)
         phase1 = tff.federated_map(
-            local_update, tff.federated_zip((distributed.result, alpha_at_clients, client_data))
+            local_computation,
+            tff.federated_zip((distributed.result, alpha_at_clients, client_data)),
         )
         meta_agg = parts["meta_aggregator"].next(
             state.meta_aggregator, phase1.update, phase1.update_weight
         )
         meta_fin = parts["meta_finalizer"].next(state.meta_finalizer, state.alpha, meta_agg.result)
         phase2 = tff.federated_map(
-            adaptive_update_fn,
+            adaptive_computation,
             tff.federated_zip(
                 (distributed.result, tff.federated_broadcast(meta_fin.result), client_data)
             ),
@@ -207,7 +215,7 @@ def build_mfl(
         model=model,
         initial_alpha=alpha0,
         round_fn=round_fn,
-        client_data_type=client_data_type,
+        client_data_type=local_computation.type_signature.parameter[2],
         model_aggregator=model_aggregator or tff.aggregators.MeanFactory(),
         meta_aggregator=meta_aggregator or tff.aggregators.MeanFactory(),
         server_optimizer=server_optimizer,

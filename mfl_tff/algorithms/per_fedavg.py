@@ -56,6 +56,7 @@ def build_per_fedavg(
     local_steps: int = 5,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds Per-FedAvg (first-order 'fo' or Hessian-free 'hf').
 
@@ -69,6 +70,7 @@ def build_per_fedavg(
       local_steps: tau, local steps per round.
       server_optimizer: Applied to the mean delta; default SGD 1.0 (model averaging).
       model_aggregator: Weighted aggregator of the deltas; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -81,7 +83,6 @@ def build_per_fedavg(
     model = model_fn()
     weights_type = client_utils.model_weights_type(model)
 
-    @tff.tensorflow.computation(weights_type, client_data_type)
     def client_update(weights, data):
         initial = tuple(weights.trainable)
         non_trainable = tuple(weights.non_trainable)
@@ -101,7 +102,9 @@ def build_per_fedavg(
 
     return composers.compose_model_update_process(
         model,
-        client_utils.build_client_work(client_update, client_data_type),
+        client_utils.build_client_work(
+            client_update, weights_type, client_data_type, cohort_size=cohort_size
+        ),
         server_optimizer=server_optimizer or tff.learning.optimizers.build_sgdm(1.0),
         model_aggregator=model_aggregator or tff.aggregators.MeanFactory(),
     )

@@ -34,6 +34,9 @@ def register_task(name: str, builder: TaskBuilder, *, overwrite: bool = False) -
     """
     if not name or not isinstance(name, str):
         raise ValueError(f"Task name must be a non-empty string, got {name!r}.")
+    # Load the built-ins first, so a user's task can neither take a built-in name unnoticed nor
+    # be replaced by the built-in when the built-ins load later.
+    _ensure_builtins()
     if name in _BUILDERS and not overwrite:
         raise ValueError(f"Task {name!r} is already registered; pass overwrite=True to replace it.")
     _BUILDERS[name] = builder

@@ -32,8 +32,9 @@ def initial_alpha(
 ) -> tuple[np.ndarray, ...]:
     """alpha filled with `value`, shaped for `granularity`."""
     check_granularity(granularity)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"initial alpha must be a finite number > 0, got {value!r}.")
+    # Checked in float32, the dtype alpha is stored in: 1e39 would become inf, 1e-46 zero.
+    if not np.isfinite(np.float32(value)) or np.float32(value) <= 0:
+        raise ValueError(f"initial alpha must be a finite float32 > 0, got {value!r}.")
     if granularity == "scalar":
         return (np.float32(value),)
     if granularity == "per_layer":
@@ -56,7 +57,7 @@ def project_positive(alpha, min_value: float):
 
 
 def summary(alpha: Sequence[tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Mean (over coordinates of the expanded rates' tensors), min and max of alpha."""
+    """Mean, min and max over alpha's stored values (per_layer: the mean of the layer rates)."""
     flat = tf.concat([tf.reshape(a, [-1]) for a in alpha], axis=0)
     return {
         "alpha_mean": tf.reduce_mean(flat),

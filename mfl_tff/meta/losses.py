@@ -16,7 +16,11 @@ def per_example_loss(problem: str, predictions: tf.Tensor, y: tf.Tensor) -> tf.T
             labels=tf.cast(y, tf.int32), logits=predictions
         )
     if problem == "regression":
-        return tf.reduce_mean(tf.square(predictions - tf.cast(y, predictions.dtype)), axis=-1)
+        y = tf.cast(y, predictions.dtype)
+        if y.shape.rank == predictions.shape.rank - 1:
+            # Scalar targets [B] against [B, 1] outputs would broadcast to [B, B].
+            y = tf.expand_dims(y, -1)
+        return tf.reduce_mean(tf.square(predictions - y), axis=-1)
     raise ValueError(f"problem must be 'classification' or 'regression', got {problem!r}.")
 
 

@@ -6,6 +6,7 @@ what lets second-order meta-gradients flow through inner SGD steps.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,8 +40,15 @@ def functional_model(
         y_spec = tf.TensorSpec([None, 1], tf.float32)
     else:
         raise ValueError(f"problem must be 'classification' or 'regression', got {problem!r}.")
-    tf.keras.utils.set_random_seed(seed)
-    keras_model = keras_model_fn()
+    # Keras seeds Python's and NumPy's global generators too; restore them so that building a
+    # model does not rewind the caller's random streams.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        tf.keras.utils.set_random_seed(seed)
+        keras_model = keras_model_fn()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     x_spec = tf.TensorSpec([None] + list(x_shape), tf.float32)
     return tff.learning.models.functional_model_from_keras(
         keras_model, loss_fn=loss, input_spec=(x_spec, y_spec)

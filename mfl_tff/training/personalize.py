@@ -6,8 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from mfl_tff.algorithms import meta_composer
-from mfl_tff.algorithms import builders
+from mfl_tff.algorithms import builders, meta_composer
 from mfl_tff.evaluation import personalization, summaries
 
 _COMPUTATIONS: dict = {}
@@ -58,7 +57,7 @@ def evaluate(
       The `personalization.json` document (see `mfl_tff.evaluation.summaries`).
     """
     alpha = builders.evaluation_alpha(process, state, spec, fine_tune_lr)
-    own_steps = min(spec.eval_steps, max_steps) if spec.learns_alpha else max_steps
+    own_steps = min(spec.eval_steps, max_steps)
     computation = _eval_computation(task, alpha, max_steps, fine_tune_lr, own_steps)
     ids = task.eval_data.client_ids[: num_clients or len(task.eval_data.client_ids)]
     per_client = computation(process.get_model_weights(state), alpha, task.eval_clients(ids))

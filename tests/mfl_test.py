@@ -1,0 +1,483 @@
+"""Tests of `mfl_tff.algorithms.mfl.build_mfl`, the two-phase MFL round.
+
+References share no code with the library:
+* TFF's own `tff.learning.algorithms.build_weighted_fed_avg` for the `local` adaptive update with a
+  meta learning rate of 0 (MFL then reduces to FedAvg);
+* a plain-TensorFlow float64 re-implementation of the digits MLP (dense layers written out), of
+  K-step SGD on the real examples of each batch (picked by boolean indexing, not masks), and of
+  exact meta-gradients by nested `tf.GradientTape`s, run eagerly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from mfl_tff.algorithms import mfl
+from mfl_tff.data import digits, packing
+from mfl_tff.training import runtime
+
+LR = 0.1
+ROUNDS = 3
+TOLERANCE = 1e-5
+# Digits clients with 80, 25, 19 and 37 packed examples (padding in support and query).
+CLIENT_INDICES = (0, 1, 3, 4)
+# For meta-gradient tests with K = 2 inner steps: clients whose first two support batches are real.
+META_CLIENT_INDICES = (0, 1, 4)
+INNER_STEPS = 2
+SERVER_LR = 0.5
+HUGE_META_LR = 1e4
+MIN_ALPHA = 1e-3
+GRANULARITIES = ("scalar", "per_layer", "per_coordinate")
+
+MEASURED: dict[str, float] = {}
+
+
+def sgd(learning_rate):
+    return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def execution():
+    with runtime.local_execution():
+        yield
+    assert runtime.live_worker_pids() == []
+    for name, value in MEASURED.items():
+        print(f"mfl_test max abs diff {name}: {value:.3g}")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return digits.build_digits(num_train_clients=40, num_eval_clients=3)
+
+
+@pytest.fixture(scope="module")
+def clients(task):
+    return task.train_clients([task.train_data.client_ids[i] for i in CLIENT_INDICES])
+
+
+@pytest.fixture(scope="module")
+def meta_clients(task):
+    packed = task.train_clients([task.train_data.client_ids[i] for i in META_CLIENT_INDICES])
+    for c in packed:
+        assert np.all(c["support"]["mask"][:INNER_STEPS].sum(axis=1) > 0)
+    return packed
+
+
+def build(task, **options):
+    return mfl.build_mfl(task.model_fn, task.client_data_type(), problem=task.problem, **options)
+
+
+@pytest.fixture(scope="module")
+def local_all(task):
+    """`local_all(granularity)`: the `local`/`all` process with meta lr 0, built once each."""
+    built = {}
+
+    def get(granularity):
+        if granularity not in built:
+            built[granularity] = build(
+                task,
+                adaptive_update="local",
+                adaptive_data="all",
+                alpha_granularity=granularity,
+                initial_alpha=LR,
+                meta_optimizer=sgd(0.0),
+                server_optimizer=sgd(1.0),
+            )
+        return built[granularity]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def support_process(task):
+    return build(
+        task,
+        adaptive_update="local",
+        initial_alpha=LR,
+        meta_optimizer=sgd(0.0),
+        server_optimizer=sgd(1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def projection_process(task):
+    return build(
+        task,
+        adaptive_update="local",
+        alpha_granularity="per_coordinate",
+        initial_alpha=LR,
+        inner_steps=INNER_STEPS,
+        min_alpha=MIN_ALPHA,
+        meta_optimizer=sgd(HUGE_META_LR),
+        server_optimizer=sgd(1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def meta_process(task):
+    return build(
+        task,
+        adaptive_update="meta",
+        alpha_granularity="per_layer",
+        initial_alpha=LR,
+        inner_steps=INNER_STEPS,
+        meta_optimizer=sgd(0.0),
+        server_optimizer=sgd(SERVER_LR),
+    )
+
+
+@pytest.fixture(scope="module")
+def tff_fedavg(task):
+    return tff.learning.algorithms.build_weighted_fed_avg(
+        task.model_fn(),
+        client_optimizer_fn=sgd(LR),
+        server_optimizer_fn=sgd(1.0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-TensorFlow float64 reference (eager; no Keras, no mfl_tff code).
+
+
+def f64(values):
+    return [tf.constant(np.asarray(v, np.float64)) for v in values]
+
+
+def forward(weights, x):
+    h = tf.reshape(x, [tf.shape(x)[0], -1])
+    for i in range(0, len(weights), 2):
+        h = tf.matmul(h, weights[i]) + weights[i + 1]
+        if i + 2 < len(weights):
+            h = tf.nn.relu(h)
+    return h
+
+
+def loss_of(weights, batch):
+    x, y = batch
+    logits = forward(weights, x)
+    return tf.reduce_mean(tf.reduce_logsumexp(logits, axis=1) - tf.gather(logits, y, batch_dims=1))
+
+
+def batches(part):
+    """Every packed batch's real examples; None for an all-padding batch."""
+    out = []
+    for b in range(part["mask"].shape[0]):
+        keep = part["mask"][b] > 0
+        out.append(
+            (tf.constant(part["x"][b][keep], tf.float64), tf.constant(part["y"][b][keep]))
+            if keep.any()
+            else None
+        )
+    return out
+
+
+def whole(part):
+    keep = part["mask"].reshape(-1) > 0
+    x = part["x"].reshape((-1,) + part["x"].shape[2:])[keep]
+    return tf.constant(x, tf.float64), tf.constant(part["y"].reshape(-1)[keep])
+
+
+def sgd_step(weights, step_sizes, batch):
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        loss = loss_of(weights, batch)
+    grads = tape.gradient(loss, weights)
+    return [w - a * g for w, a, g in zip(weights, step_sizes, grads)]
+
+
+def expand(alpha, weights):
+    return list(alpha) * len(weights) if len(alpha) == 1 else list(alpha)
+
+
+def local_delta(weights, step_sizes, client, parts):
+    """Plain SGD over the real batches of `parts`, in order; returns (delta, num_examples)."""
+    trained, n = weights, 0
+    for part in parts:
+        for batch in batches(client[part]):
+            if batch is not None:
+                trained = sgd_step(trained, step_sizes, batch)
+                n += int(batch[1].shape[0])
+    return [w - t for w, t in zip(weights, trained)], n
+
+
+def reference_fedavg_round(weights, step_sizes, clients, parts=("support", "query")):
+    results = [local_delta(weights, step_sizes, c, parts) for c in clients]
+    total = sum(n for _, n in results)
+    mean = [sum(d[i] * n for d, n in results) / total for i in range(len(weights))]
+    return [w - m for w, m in zip(weights, mean)]
+
+
+def meta_gradients(theta, alpha, client, steps):
+    """Exact d L_query(theta_K) / d (theta, alpha), and the query losses before and after."""
+    support = batches(client["support"])
+    query = whole(client["query"])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(theta)
+        tape.watch(alpha)
+        adapted = theta
+        for k in range(steps):
+            batch = support[k % len(support)]
+            if batch is not None:
+                adapted = sgd_step(adapted, expand(alpha, theta), batch)
+        post = loss_of(adapted, query)
+    grad_theta = tape.gradient(post, theta)
+    grad_alpha = tape.gradient(post, alpha)
+    return grad_theta, grad_alpha, float(loss_of(theta, query)), float(post)
+
+
+def weighted_mean(values_and_weights):
+    total = sum(w for _, w in values_and_weights)
+    n = len(values_and_weights[0][0])
+    return [sum(v[i] * w for v, w in values_and_weights) / total for i in range(n)]
+
+
+def query_size(client) -> int:
+    return int(client["query"]["mask"].sum())
+
+
+def max_abs_diff(a, b) -> float:
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(a, b)
+    )
+
+
+def run(process, client_values, rounds, state=None):
+    state = state if state is not None else process.initialize()
+    outputs = []
+    for _ in range(rounds):
+        output = process.next(state, client_values)
+        state = output.state
+        outputs.append(output)
+    return state, outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# `local` adaptive update with meta lr 0 is FedAvg.
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_local_all_data_reduces_to_tff_fedavg(local_all, granularity, tff_fedavg, clients):
+    process = local_all(granularity)
+    state, outputs = run(process, clients, ROUNDS)
+    datasets = [
+        packing.to_dataset(c["support"]).concatenate(packing.to_dataset(c["query"]))
+        for c in clients
+    ]
+    ref_state, _ = run(tff_fedavg, datasets, ROUNDS)
+    ours = process.get_model_weights(state).trainable
+    initial = process.get_model_weights(process.initialize()).trainable
+    assert max_abs_diff(ours, initial) > 1e-2
+    diff = max_abs_diff(ours, tff_fedavg.get_model_weights(ref_state).trainable)
+    MEASURED[f"local/all/{granularity} vs TFF FedAvg, 3 rounds"] = diff
+    assert diff <= TOLERANCE
+    for a in process.get_hparams(state)["alpha"]:
+        np.testing.assert_allclose(a, LR, rtol=1e-7)  # meta lr 0 leaves alpha alone
+
+
+def test_local_support_only_equals_tff_fedavg_on_support(support_process, tff_fedavg, clients):
+    state, _ = run(support_process, clients, ROUNDS)
+    ref_state, _ = run(tff_fedavg, [packing.to_dataset(c["support"]) for c in clients], ROUNDS)
+    diff = max_abs_diff(
+        support_process.get_model_weights(state).trainable,
+        tff_fedavg.get_model_weights(ref_state).trainable,
+    )
+    MEASURED["local/support vs TFF FedAvg on support, 3 rounds"] = diff
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_alpha_shape_follows_granularity(local_all, task, granularity):
+    process = local_all(granularity)
+    alpha = process.get_hparams(process.initialize())["alpha"]
+    shapes = [tuple(np.shape(w)) for w in task.model_fn().initial_weights[0]]
+    expected = {
+        "scalar": [()],
+        "per_layer": [()] * len(shapes),
+        "per_coordinate": shapes,
+    }[granularity]
+    assert [tuple(np.shape(a)) for a in alpha] == expected
+
+
+def test_set_hparams_round_trips_and_the_adaptive_update_uses_it(local_all, clients):
+    process = local_all("per_coordinate")
+    state = process.initialize()
+    rng = np.random.default_rng(7)
+    new_alpha = tuple(
+        rng.uniform(0.02, 0.2, size=np.shape(a)).astype(np.float32)
+        for a in process.get_hparams(state)["alpha"]
+    )
+    state = process.set_hparams(state, {"alpha": new_alpha})
+    for got, want in zip(process.get_hparams(state)["alpha"], new_alpha):
+        np.testing.assert_array_equal(got, want)
+    theta = process.get_model_weights(state).trainable
+    state, _ = run(process, clients, 1, state)
+    expected = reference_fedavg_round(f64(theta), f64(new_alpha), clients)
+    diff = max_abs_diff(process.get_model_weights(state).trainable, expected)
+    MEASURED["set_hparams per-coordinate alpha vs plain-TF SGD, 1 round"] = diff
+    assert diff <= TOLERANCE
+    for got, want in zip(process.get_hparams(state)["alpha"], new_alpha):
+        np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The meta update on alpha: exact meta-gradient, projection onto [min_alpha, inf).
+
+
+def test_huge_meta_lr_projects_alpha_onto_min_alpha(projection_process, meta_clients):
+    process = projection_process
+    state = process.initialize()
+    theta = f64(process.get_model_weights(state).trainable)
+    alpha0 = f64(process.get_hparams(state)["alpha"])
+    grads = [
+        (meta_gradients(theta, alpha0, c, INNER_STEPS)[1], query_size(c)) for c in meta_clients
+    ]
+    mean_grad = weighted_mean(grads)
+    state, outputs = run(process, meta_clients, 1, state)
+    alpha = [np.asarray(a, np.float64) for a in process.get_hparams(state)["alpha"]]
+    for got, a0, g in zip(alpha, alpha0, mean_grad):
+        want = np.maximum(a0.numpy() - HUGE_META_LR * g.numpy(), MIN_ALPHA)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    flat = np.concatenate([a.ravel() for a in alpha])
+    assert flat.min() == pytest.approx(MIN_ALPHA)  # the projection was active...
+    assert flat.max() > 10.0  # ...and the step really was huge
+    update = outputs[0].metrics["meta_update"]
+    np.testing.assert_allclose(
+        update["meta_gradient_norm"],
+        np.sqrt(sum(float(tf.reduce_sum(g * g)) for g in mean_grad)),
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(update["alpha_min"], flat.min(), rtol=1e-6)
+    np.testing.assert_allclose(update["alpha_max"], flat.max(), rtol=1e-6)
+    np.testing.assert_allclose(update["alpha_mean"], flat.mean(), rtol=1e-4)
+    # More rounds with these (divergent) rates: alpha stays projected, the model stays finite.
+    state, _ = run(process, meta_clients, 2, state)
+    for a in process.get_hparams(state)["alpha"]:
+        assert np.all(np.isfinite(a)) and np.all(a >= MIN_ALPHA)
+    for w in process.get_model_weights(state).trainable:
+        assert np.all(np.isfinite(w))
+
+
+# ---------------------------------------------------------------------------------------------
+# The `meta` adaptive update: a MAML step on theta with the broadcast alpha.
+
+
+def test_meta_adaptive_update_is_weighted_exact_maml_gradient(meta_process, meta_clients):
+    process = meta_process
+    state = process.initialize()
+    per_layer = tuple(np.float32(a) for a in (0.05, 0.1, 0.02, 0.08, 0.03, 0.06))
+    state = process.set_hparams(state, {"alpha": per_layer})
+    theta = f64(process.get_model_weights(state).trainable)
+    results = [meta_gradients(theta, f64(per_layer), c, INNER_STEPS) for c in meta_clients]
+    sizes = [query_size(c) for c in meta_clients]
+    mean_grad = weighted_mean([(r[0], n) for r, n in zip(results, sizes)])
+    expected = [t - SERVER_LR * g for t, g in zip(theta, mean_grad)]
+    state, outputs = run(process, meta_clients, 1, state)
+    ours = process.get_model_weights(state).trainable
+    assert max_abs_diff(ours, theta) > 1e-4
+    diff = max_abs_diff(ours, expected)
+    MEASURED["meta adaptive update vs nested-tape MAML, 1 round"] = diff
+    np.testing.assert_allclose(
+        np.concatenate([np.ravel(w) for w in ours]),
+        np.concatenate([np.ravel(w) for w in expected]),
+        rtol=1e-4,
+        atol=TOLERANCE,
+    )
+    # Metrics: query losses before/after adaptation are query-size-weighted means.
+    metrics = outputs[0].metrics
+    for phase in ("meta_client_work", "adaptive_client_work"):
+        work = metrics[phase]
+        for key in ("pre_adaptation_loss", "post_adaptation_loss"):
+            assert key in work
+        pre = sum(r[2] * n for r, n in zip(results, sizes)) / sum(sizes)
+        post = sum(r[3] * n for r, n in zip(results, sizes)) / sum(sizes)
+        np.testing.assert_allclose(work["pre_adaptation_loss"], pre, rtol=1e-5)
+        np.testing.assert_allclose(work["post_adaptation_loss"], post, rtol=1e-5)
+        assert work["post_adaptation_loss"] < work["pre_adaptation_loss"]
+        assert work["num_clients"] == len(meta_clients)
+        assert work["num_examples"] == sum(sizes)
+        assert work["num_clients_rejected"] == 0
+    for key in ("meta_gradient_norm", "alpha_mean", "alpha_min", "alpha_max"):
+        assert np.isfinite(metrics["meta_update"][key])
+    np.testing.assert_allclose(metrics["meta_update"]["alpha_min"], 0.02, rtol=1e-6)
+    np.testing.assert_allclose(metrics["meta_update"]["alpha_max"], 0.1, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite clients.
+
+
+def with_nan_input(client):
+    poisoned = tf.nest.map_structure(np.copy, client)
+    poisoned["support"]["x"][0, 0, 2, 5] = np.nan
+    poisoned["query"]["x"][0, 0, 2, 5] = np.nan
+    return poisoned
+
+
+def test_non_finite_client_is_rejected_not_averaged(local_all, tff_fedavg, clients):
+    process = local_all("scalar")
+    poisoned = [clients[0], clients[1], with_nan_input(clients[2]), clients[3]]
+    state, outputs = run(process, poisoned, 2)
+    others = [clients[0], clients[1], clients[3]]
+    ref_state, _ = run(
+        tff_fedavg,
+        [
+            packing.to_dataset(c["support"]).concatenate(packing.to_dataset(c["query"]))
+            for c in others
+        ],
+        2,
+    )
+    ours = process.get_model_weights(state).trainable
+    assert all(np.all(np.isfinite(w)) for w in ours)
+    diff = max_abs_diff(ours, tff_fedavg.get_model_weights(ref_state).trainable)
+    MEASURED["NaN client rejected (local/all/scalar), 2 rounds"] = diff
+    assert diff <= TOLERANCE
+    for output in outputs:
+        for phase in ("meta_client_work", "adaptive_client_work"):
+            assert output.metrics[phase]["num_clients_rejected"] == 1
+        assert np.all(np.isfinite(output.metrics["meta_update"]["meta_gradient_norm"]))
+    np.testing.assert_allclose(process.get_hparams(state)["alpha"][0], LR, rtol=1e-7)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mfl_tff/algorithms/meta_composer.py build_alpha_finalizer.step_tf applies the "
+    "aggregated meta-gradient unchecked: when every client of a round is rejected the default "
+    "MeanFactory returns 0/0 = NaN and alpha becomes NaN for good (TFF's model finalizer skips "
+    "non-finite updates; the alpha finalizer does not).",
+)
+def test_round_whose_clients_are_all_rejected_leaves_alpha_and_model_unchanged(
+    support_process, clients
+):
+    state = support_process.initialize()
+    state, outputs = run(support_process, [with_nan_input(clients[0])], 1, state)
+    assert outputs[0].metrics["meta_client_work"]["num_clients_rejected"] == 1
+    for a in support_process.get_hparams(state)["alpha"]:
+        np.testing.assert_allclose(a, LR, rtol=1e-7)
+    initial = support_process.get_model_weights(support_process.initialize()).trainable
+    assert max_abs_diff(support_process.get_model_weights(state).trainable, initial) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad options.
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(adaptive_update="fedavg"), ValueError, r"adaptive_update must be one of.*local"),
+        (dict(adaptive_data="query"), ValueError, r"adaptive_data must be one of.*support"),
+        (dict(alpha_granularity="per_unit"), ValueError, r"per_layer"),
+        (dict(initial_alpha=0.0), ValueError, "alpha"),
+        (dict(min_alpha=-1.0), ValueError, "min_alpha"),
+        (dict(inner_steps=0), ValueError, "inner_steps"),
+        (dict(local_epochs=0), ValueError, "local_epochs"),
+        (dict(meta_optimizer=tf.keras.optimizers.Adam()), TypeError, "tff.learning.optimizers"),
+    ],
+)
+def test_bad_options_raise_actionable_errors(task, options, error, message):
+    with pytest.raises(error, match=message):
+        build(task, **options)
