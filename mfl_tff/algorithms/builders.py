@@ -32,7 +32,8 @@ OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
 
 
 def build_optimizer(name: str, learning_rate: float) -> tff.learning.optimizers.Optimizer:
-    """A `tff.learning.optimizers.Optimizer` by name: sgd, sgdm (momentum 0.9), adam, adagrad, yogi."""
+    """A `tff.learning.optimizers.Optimizer` by name: sgd, sgdm (momentum 0.9), adam, adagrad,
+    yogi."""
     if name == "sgd":
         return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
     if name == "sgdm":

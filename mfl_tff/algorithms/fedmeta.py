@@ -2,8 +2,9 @@
 
 FedMeta (Chen et al., "Federated Meta-Learning with Fast Convergence and Efficient Communication",
 arXiv 1802.07876) runs a meta-learner's outer loop at the server and its inner loop on each client:
-every client adapts the global model on its `support` set and reports a meta-gradient measured on its
-`query` set; the server averages them and steps a meta-optimizer (any `tff.learning.optimizers`).
+every client adapts the global model on its `support` set and reports a meta-gradient measured on
+its `query` set; the server averages them and steps a meta-optimizer (a `tff.learning.optimizers`
+one).
 
 * `maml`: exact second-order meta-gradient through K inner steps (Finn et al., arXiv 1703.03400).
 * `fomaml`: the first-order approximation (same paper, section 5.2).

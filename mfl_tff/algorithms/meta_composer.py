@@ -1,4 +1,4 @@
-"""Parts shared by the algorithms that learn meta-parameters alpha next to the model (mfl, meta_sgd).
+"""Parts shared by the algorithms that learn rates alpha next to the model (mfl, meta_sgd).
 
 Their server state is `OrderedDict(global_model_weights, alpha, distributor, model_aggregator,
 meta_aggregator, model_finalizer, meta_finalizer)`: the model half is exactly TFF's (broadcast,

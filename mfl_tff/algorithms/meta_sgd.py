@@ -47,7 +47,8 @@ def build_meta_sgd(
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
-      A `tff.learning.templates.LearningProcess`; `get_hparams(state)['alpha']` is the learned alpha.
+      A `tff.learning.templates.LearningProcess`; `get_hparams(state)['alpha']` is the learned
+      alpha.
     """
     client_utils.check_positive_int("inner_steps", inner_steps)
     meta_optimizer = meta_optimizer or tff.learning.optimizers.build_adam(1e-3)

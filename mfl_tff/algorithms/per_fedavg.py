@@ -2,8 +2,8 @@
 Learning: A Meta-Learning Approach", arXiv 2002.07948).
 
 Each client takes `local_steps` steps of the MAML objective on its own data, then the server
-averages the resulting models. Local step t, with batches D = support batch t, D' = query batch t and
-D'' = support batch t + 1 (an independent batch, as the paper asks):
+averages the resulting models. Local step t, with batches D = support batch t, D' = query batch t
+and D'' = support batch t + 1 (an independent batch, as the paper asks):
 
     theta_tmp = theta - alpha grad f(theta; D)
     FO:  theta <- theta - beta grad f(theta_tmp; D')

@@ -9,7 +9,8 @@ Every federated computation in mfl_tff takes each client's data as fixed-shape p
 round fed datasets spends most of its time on per-dataset overhead (measured on digits, 20 clients x
 4 batches: 260 ms fed datasets, 21 ms fed the same math as padded tensors). Caps on the number of
 batches bound the padding when client sizes differ a lot; a client with more examples than the cap
-keeps a random subset of them (drawn from the client's own seed), so caps act like a local-step budget.
+keeps a random subset of them (drawn from the client's own seed), so caps act like a local-step
+budget.
 """
 
 from __future__ import annotations

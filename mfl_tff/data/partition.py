@@ -35,8 +35,8 @@ def dirichlet_label_partition(
     """Splits example indices across clients with Dirichlet label skew and unequal sizes.
 
     Each client i draws a label distribution q_i ~ Dirichlet(concentration * p), where p is the
-    pool's label distribution (Hsu et al., arXiv 1909.06335), and a size from `client_sizes`; it then
-    draws its examples' labels from q_i, restricted to labels with examples left. Every example
+    pool's label distribution (Hsu et al., arXiv 1909.06335), and a size from `client_sizes`; it
+    then draws its examples' labels from q_i, restricted to labels with examples left. Every example
     lands in exactly one client. Smaller concentration means stronger skew.
 
     Args:

@@ -100,7 +100,8 @@ def meta_gradients(
 
 
 def hessian_vector_product(model, problem: str, trainable, non_trainable, batch, vector):
-    """H v for the Hessian of the batch loss at `trainable`, by double backprop (no Hessian built)."""
+    """H v for the Hessian of the batch loss at `trainable`, by double backprop (no Hessian is
+    built)."""
     with tf.GradientTape() as outer:
         outer.watch(trainable)
         with tf.GradientTape() as inner:

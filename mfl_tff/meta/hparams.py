@@ -4,7 +4,8 @@ alpha is stored as a tuple of tensors:
   * `scalar`: one tensor of shape [] shared by every weight;
   * `per_layer`: one tensor of shape [] per trainable weight tensor (a layer's kernel and bias each
     get their own rate);
-  * `per_coordinate`: one tensor shaped like each trainable weight tensor (Meta-SGD, arXiv 1707.09835).
+  * `per_coordinate`: one tensor shaped like each trainable weight tensor (Meta-SGD,
+    arXiv 1707.09835).
 `expand` broadcasts any of them to the structure of the trainable weights, so the inner loop never
 needs to know the granularity.
 """
@@ -52,7 +53,7 @@ def expand(alpha: Sequence[tf.Tensor], trainable: Sequence[tf.Tensor]) -> tuple[
 
 
 def project_positive(alpha, min_value: float):
-    """Projects alpha onto [min_value, inf): how alpha stays positive after a meta-optimizer step."""
+    """Projects alpha onto [min_value, inf): how alpha stays positive after a meta step."""
     return tf.nest.map_structure(lambda a: tf.maximum(a, min_value), alpha)
 
 

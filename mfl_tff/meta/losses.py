@@ -39,7 +39,7 @@ def masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
 
 
 def flatten_batches(part):
-    """[S, B, ...] packed tensors -> [S * B, ...], to evaluate a whole support or query set at once."""
+    """[S, B, ...] packed tensors -> [S * B, ...], to evaluate a whole support or query set."""
     return {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], axis=0)) for k, v in part.items()}
 
 

@@ -20,7 +20,7 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int], num_outputs: int) -> 
 def small_cnn(
     input_shape: Sequence[int], num_classes: int, filters: Sequence[int] = (16, 32)
 ) -> tf.keras.Model:
-    """Two 3x3 conv + 2x2 max-pool blocks and a linear classifier, sized for 8x8 and 28x28 images."""
+    """Two 3x3 conv + 2x2 max-pool blocks and a linear classifier (for 8x8 and 28x28 images)."""
     layers = [tf.keras.layers.InputLayer(input_shape=tuple(input_shape))]
     if len(input_shape) == 2:
         layers.append(tf.keras.layers.Reshape(tuple(input_shape) + (1,)))

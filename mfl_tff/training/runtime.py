@@ -583,3 +583,23 @@ def remote_execution(
             yield context
     finally:
         channel.close()
+
+
+def _release_tff_default_context() -> None:
+    """Replaces TFF's import-time default context while the interpreter is still whole.
+
+    That context owns a service manager (with no worker, as we never use it) whose `__del__`
+    otherwise runs during interpreter teardown, after `subprocess` is gone, and prints
+    "Exception ignored in ... 'NoneType' object has no attribute 'Popen'" at every exit.
+    """
+    from tensorflow_federated.python.core.impl.context_stack import (
+        context_stack_impl,
+        runtime_error_context,
+    )
+
+    context_stack_impl.context_stack.set_default_context(
+        runtime_error_context.RuntimeErrorContext()
+    )
+
+
+atexit.register(_release_tff_default_context)
