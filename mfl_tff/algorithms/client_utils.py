@@ -165,7 +165,10 @@ def build_client_work(
 
 def check_positive_rate(name: str, value: float) -> None:
     """Raises ValueError unless `value` is a finite number > 0."""
-    if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+    is_real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool
+    )
+    if not is_real or not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 

@@ -55,13 +55,22 @@ def build_alpha_finalizer(
 
     @tff.tensorflow.computation(opt_state_type, alpha_type, alpha_type)
     def step_tf(opt_state, alpha, grad):
-        opt_state, new_alpha = optimizer.next(opt_state, tuple(alpha), tuple(grad))
+        # A round whose clients were all rejected aggregates to 0/0 = NaN; like TFF's model
+        # finalizer, skip the step rather than let NaN into alpha for good.
+        finite = client_utils.all_finite(grad)
+        stepped_state, new_alpha = optimizer.next(opt_state, tuple(alpha), tuple(grad))
         if min_alpha is not None:
             new_alpha = hparams.project_positive(new_alpha, min_alpha)
-        measurements = collections.OrderedDict(
-            meta_gradient_norm=client_utils.global_norm(grad), **hparams.summary(new_alpha)
+        new_alpha = tuple(tf.where(finite, n, a) for n, a in zip(new_alpha, alpha))
+        opt_state = tf.nest.map_structure(
+            lambda n, o: tf.where(finite, n, o), stepped_state, opt_state
         )
-        return opt_state, tuple(new_alpha), measurements
+        measurements = collections.OrderedDict(
+            meta_gradient_norm=client_utils.global_norm(grad),
+            update_non_finite=tf.cast(tf.logical_not(finite), tf.int32),
+            **hparams.summary(new_alpha),
+        )
+        return opt_state, new_alpha, measurements
 
     @tff.federated_computation()
     def init_fn():

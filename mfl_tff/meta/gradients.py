@@ -19,9 +19,15 @@ from mfl_tff.meta import hparams, inner_loop, losses
 
 
 def support_batch(support, k: int):
-    """The k-th inner step's batch: support batches are used in turn."""
-    num_batches = support["mask"].shape[0]
-    return {key: value[k % num_batches] for key, value in support.items()}
+    """The k-th inner step's batch: the non-empty batches are used in turn.
+
+    Packing fills batches front to back, so the non-empty ones come first; cycling over them
+    only (not over all-padding batches, which would be steps that do nothing) gives small
+    clients as many real steps as large ones.
+    """
+    non_empty = tf.reduce_sum(tf.cast(tf.reduce_sum(support["mask"], axis=1) > 0, tf.int32))
+    index = tf.math.floormod(k, tf.maximum(non_empty, 1))
+    return {key: tf.gather(value, index) for key, value in support.items()}
 
 
 def adapt(

@@ -9,14 +9,17 @@ import numpy as np
 from mfl_tff.algorithms import builders, meta_composer
 from mfl_tff.evaluation import personalization, summaries
 
-_COMPUTATIONS: dict = {}
-
 
 def _eval_computation(task, alpha: tuple, max_steps: int, fine_tune_lr: float, guard_after: int):
-    """Builds (once per task, alpha shape and settings) the evaluation computation."""
-    key = (id(task), tuple(np.shape(a) for a in alpha), max_steps, fine_tune_lr, guard_after)
-    if key not in _COMPUTATIONS:
-        _COMPUTATIONS[key] = personalization.build_personalization_eval(
+    """Builds (once per task, alpha shape and settings) the evaluation computation.
+
+    The cache lives on the task object, so it goes away with the task and cannot be confused
+    with another task's.
+    """
+    cache = task.__dict__.setdefault("_personalization_computations", {})
+    key = (tuple(np.shape(a) for a in alpha), max_steps, fine_tune_lr, guard_after)
+    if key not in cache:
+        cache[key] = personalization.build_personalization_eval(
             task.model_fn,
             task.client_data_type("eval"),
             meta_composer.alpha_type_of(alpha),
@@ -25,7 +28,7 @@ def _eval_computation(task, alpha: tuple, max_steps: int, fine_tune_lr: float, g
             fine_tune_lr=fine_tune_lr,
             guard_after=guard_after,
         )
-    return _COMPUTATIONS[key]
+    return cache[key]
 
 
 def evaluate(
