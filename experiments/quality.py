@@ -34,6 +34,7 @@ _CLIENTS = flags.DEFINE_integer("clients_per_round", 25, "Clients per round.")
 _SHOTS = flags.DEFINE_integer("shots", None, "Support shots per client (task option).")
 _INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner (local) steps K.")
 _INNER_LR = flags.DEFINE_float("inner_lr", 0.01, "Client step size / initial alpha.")
+_OUTER_LR = flags.DEFINE_float("outer_lr", 0.01, "Per-FedAvg's local meta step size (beta).")
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs (fedavg, mfl local).")
 _META_OPT = flags.DEFINE_string("meta_optimizer", "adam", "Meta-optimizer name.")
 _META_LR = flags.DEFINE_float("meta_lr", 1e-3, "Meta-optimizer learning rate.")
@@ -88,6 +89,7 @@ def main(argv: list[str]) -> None:
                 inner_lr=_INNER_LR.value,
                 inner_steps=_INNER_STEPS.value,
                 local_epochs=_LOCAL_EPOCHS.value,
+                outer_lr=_OUTER_LR.value,
                 meta_optimizer=_META_OPT.value,
                 meta_lr=_META_LR.value,
                 server_optimizer=_SERVER_OPT.value,

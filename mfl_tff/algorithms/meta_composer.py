@@ -30,6 +30,19 @@ STATE_FIELDS = (
 )
 
 
+def next_state(*, weights, alpha, distributed, model_agg, meta_agg, model_fin, meta_fin):
+    """The state after a round, from the round's outputs of each part (see `STATE_FIELDS`)."""
+    return collections.OrderedDict(
+        global_model_weights=weights,
+        alpha=alpha,
+        distributor=distributed.state,
+        model_aggregator=model_agg.state,
+        meta_aggregator=meta_agg.state,
+        model_finalizer=model_fin.state,
+        meta_finalizer=meta_fin.state,
+    )
+
+
 def build_alpha_finalizer(
     optimizer: tff.learning.optimizers.Optimizer,
     alpha_type: tff.Type,

@@ -99,14 +99,14 @@ def build_meta_sgd(
             state.model_finalizer, state.global_model_weights, model_agg.result
         )
         meta_fin = parts["meta_finalizer"].next(state.meta_finalizer, state.alpha, meta_agg.result)
-        new_state = collections.OrderedDict(
-            global_model_weights=model_fin.result,
+        new_state = meta_composer.next_state(
+            weights=model_fin.result,
             alpha=meta_fin.result,
-            distributor=distributed.state,
-            model_aggregator=model_agg.state,
-            meta_aggregator=meta_agg.state,
-            model_finalizer=model_fin.state,
-            meta_finalizer=meta_fin.state,
+            distributed=distributed,
+            model_agg=model_agg,
+            meta_agg=meta_agg,
+            model_fin=model_fin,
+            meta_fin=meta_fin,
         )
         metrics = collections.OrderedDict(
             client_work=client_utils.federated_client_metrics(out),

@@ -192,14 +192,14 @@ def build_mfl(
         model_fin = parts["model_finalizer"].next(
             state.model_finalizer, state.global_model_weights, model_agg.result
         )
-        new_state = collections.OrderedDict(
-            global_model_weights=model_fin.result,
+        new_state = meta_composer.next_state(
+            weights=model_fin.result,
             alpha=meta_fin.result,
-            distributor=distributed.state,
-            model_aggregator=model_agg.state,
-            meta_aggregator=meta_agg.state,
-            model_finalizer=model_fin.state,
-            meta_finalizer=meta_fin.state,
+            distributed=distributed,
+            model_agg=model_agg,
+            meta_agg=meta_agg,
+            model_fin=model_fin,
+            meta_fin=meta_fin,
         )
         metrics = collections.OrderedDict(
             meta_client_work=client_utils.federated_client_metrics(phase1),
