@@ -30,15 +30,19 @@ import collections
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import builders
+from mfl_tff.data.task import FederatedTask
 from mfl_tff.training import outputs, personalize
+
+LearningProcess = tff.learning.templates.LearningProcess
+T = TypeVar("T")
 
 ROUND_KEY = "round_num"
 CHECKPOINT_PREFIX = "program_state_"
@@ -106,7 +110,7 @@ class ProgramConfig:
             raise ValueError(f"num_eval_clients must be >= 1, got {self.num_eval_clients}.")
 
 
-def _run(coroutine):
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Runs one of TFF's asynchronous program-manager calls to completion.
 
     TFF 0.87's release and program-state managers are `async`; the round loop is synchronous
@@ -123,7 +127,7 @@ def checkpoint_rounds(checkpoint_dir: str) -> list[int]:
     return _run(manager.get_versions()) or []
 
 
-def load_checkpoint(checkpoint_dir: str, process) -> tuple[int, Optional[Any]]:
+def load_checkpoint(checkpoint_dir: str, process: LearningProcess) -> tuple[int, Optional[Any]]:
     """The latest `(round_num, state)` in `checkpoint_dir`, checked against `process`.
 
     Reads only: needs no execution context and writes nothing (a missing directory is not
@@ -216,7 +220,12 @@ def format_duration(seconds: float) -> str:
 
 
 def evaluate(
-    process, state, spec: builders.AlgorithmSpec, task, config: ProgramConfig, rounds: int
+    process: LearningProcess,
+    state: Any,
+    spec: builders.AlgorithmSpec,
+    task: FederatedTask,
+    config: ProgramConfig,
+    rounds: int,
 ) -> dict:
     """Held-out personalization of `state` (`mfl_tff.training.personalize.evaluate`).
 
@@ -239,9 +248,9 @@ def evaluate(
 
 
 def run_training(
-    process,
+    process: LearningProcess,
     spec: builders.AlgorithmSpec,
-    task,
+    task: FederatedTask,
     config: ProgramConfig,
     paths: outputs.OutputPaths,
     *,
@@ -331,7 +340,7 @@ def run_training(
             log(line.rstrip())
     if report is None:
         # Nothing left to train (the checkpoint is at or past `total_rounds`): evaluate it.
-        report = evaluate(process, state, spec, task, config, max(start_round, 0))
+        report = evaluate(process, state, spec, task, config, start_round)
         log(f"round {start_round}: already trained; {evaluation_line(report)}")
     outputs.write_json(paths.personalization_json, report)
     return report

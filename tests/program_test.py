@@ -1,0 +1,375 @@
+"""Tests of `mfl_tff.training.program` (the run loop) and `mfl_tff.training.outputs` (its files).
+
+The run loop is tested in-process on a tiny FedAvg task (6 digits clients, 3 per round): the files
+it writes, resume equivalence when a crash falls between a round's metrics release and its
+checkpoint, and the checkpoint checks that keep another model's state out. The binary on top of
+it (flags, exit codes, subprocess resume) is tested in `tests/train_test.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mfl_tff.algorithms import builders
+from mfl_tff.data import digits
+from mfl_tff.training import outputs, program, runtime
+
+CLIENTS_PER_ROUND = 3
+INNER_LR = 0.4
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def execution():
+    with runtime.local_execution():
+        yield
+    assert runtime.live_worker_pids() == []
+
+
+def _task(model: str = "mlp"):
+    return digits.build_digits(num_train_clients=6, num_eval_clients=3, model=model, seed=0)
+
+
+def _process(task, server_optimizer=None):
+    return builders.build_algorithm(
+        "fedavg",
+        task,
+        builders.AlgorithmOptions(
+            inner_lr=INNER_LR,
+            inner_steps=STEPS,
+            cohort_size=CLIENTS_PER_ROUND,
+            server_optimizer=server_optimizer,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def task():
+    return _task()
+
+
+@pytest.fixture(scope="module")
+def built(task):
+    return _process(task)
+
+
+def _config(total_rounds: int, **overrides) -> program.ProgramConfig:
+    settings = dict(
+        total_rounds=total_rounds,
+        clients_per_round=CLIENTS_PER_ROUND,
+        fine_tune_lr=INNER_LR,
+        eval_adaptation_steps=STEPS,
+        rounds_per_eval=2,
+        rounds_per_checkpoint=1,
+        checkpoints_to_keep=0,
+    )
+    settings.update(overrides)
+    return program.ProgramConfig(**settings)
+
+
+def _rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _tree_digest(root: pathlib.Path) -> str:
+    """Hash of every file name and content under `root`."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _assert_states_equal(a, b, atol=1e-6):
+    flat_a, flat_b = tf.nest.flatten(a), tf.nest.flatten(b)
+    assert len(flat_a) == len(flat_b) > 0
+    for x, y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, task, built):
+    """Three rounds in one go: (paths, report, log lines)."""
+    process, spec = built
+    paths = outputs.OutputPaths(str(tmp_path_factory.mktemp("uninterrupted")), "run")
+    lines = []
+    report = program.run_training(process, spec, task, _config(3), paths, log=lines.append)
+    return paths, report, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The run loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_writes_one_metrics_row_per_round_with_evaluation_columns(uninterrupted):
+    paths, _, _ = uninterrupted
+    with open(paths.metrics_csv, newline="") as f:
+        header = next(csv.reader(f))
+    assert header[0] == program.ROUND_KEY
+    assert len(header) == len(set(header))
+    assert "client_work/train_loss" in header
+    rows = _rows(paths.metrics_csv)
+    assert [int(r[program.ROUND_KEY]) for r in rows] == [1, 2, 3]
+    column = "personalization/after_adaptation/mean"
+    # Round 2 is an evaluation round (every 2), round 3 the last; round 1 is neither.
+    assert [bool(r[column]) for r in rows] == [False, True, True]
+    assert all(np.isfinite(float(r["client_work/train_loss"])) for r in rows)
+
+
+def test_run_saves_checkpoints_and_writes_the_report(uninterrupted, built):
+    paths, report, _ = uninterrupted
+    assert program.checkpoint_rounds(paths.checkpoint_dir) == [1, 2, 3]
+    round_num, state = program.load_checkpoint(paths.checkpoint_dir, built[0])
+    assert round_num == 3 and state is not None
+    with open(paths.personalization_json) as f:
+        written = json.load(f)
+    assert written["rounds"] == 3 and written["algorithm"] == "fedavg"
+    assert written["num_clients"] == 3 and written["metric"] == "accuracy"
+    assert written["after_adaptation"]["mean"] == pytest.approx(report["after_adaptation"]["mean"])
+    assert len(written["steps_curve"]) == STEPS + 1
+    assert list(pathlib.Path(paths.logdir).glob("events.out.tfevents.*"))
+
+
+def test_run_logs_one_progress_line_per_round(uninterrupted):
+    _, _, lines = uninterrupted
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("elapsed" in line and "eta" in line and "train loss" in line for line in lines)
+    assert "held-out accuracy" in lines[1] and "held-out accuracy" not in lines[0]
+
+
+def test_resume_after_crash_between_release_and_checkpoint_matches_uninterrupted(
+    tmp_path, task, built, uninterrupted
+):
+    process, spec = built
+    reference, _, _ = uninterrupted
+    paths = outputs.OutputPaths(str(tmp_path), "run")
+    program.run_training(process, spec, task, _config(2), paths, log=lambda line: None)
+    # A crash after round 2's metrics were released but before its checkpoint was saved.
+    shutil.rmtree(os.path.join(paths.checkpoint_dir, f"{program.CHECKPOINT_PREFIX}2"))
+    assert [r[program.ROUND_KEY] for r in _rows(paths.metrics_csv)] == ["1", "2"]
+
+    start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
+    assert start_round == 1
+    program.run_training(
+        process,
+        spec,
+        task,
+        _config(3),
+        paths,
+        start_round=start_round,
+        state=state,
+        log=lambda line: None,
+    )
+
+    resumed, expected = _rows(paths.metrics_csv), _rows(reference.metrics_csv)
+    assert [r[program.ROUND_KEY] for r in resumed] == ["1", "2", "3"]  # Round 2 not duplicated.
+    for got, want in zip(resumed, expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            if want[key]:
+                assert float(got[key]) == pytest.approx(float(want[key]), abs=1e-6), key
+            else:
+                assert got[key] == ""
+    _assert_states_equal(
+        program.load_checkpoint(paths.checkpoint_dir, process)[1],
+        program.load_checkpoint(reference.checkpoint_dir, process)[1],
+    )
+
+
+def test_checkpoint_at_total_rounds_is_evaluated_not_retrained(tmp_path, task, built):
+    process, spec = built
+    paths = outputs.OutputPaths(str(tmp_path), "run")
+    program.run_training(process, spec, task, _config(1), paths, log=lambda line: None)
+    rows_before = _rows(paths.metrics_csv)
+    lines = []
+    start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
+    report = program.run_training(
+        process,
+        spec,
+        task,
+        _config(1),
+        paths,
+        start_round=start_round,
+        state=state,
+        log=lines.append,
+    )
+    assert report["rounds"] == 1
+    assert _rows(paths.metrics_csv) == rows_before
+    assert len(lines) == 1 and "already trained" in lines[0]
+
+
+def test_old_checkpoints_are_pruned_to_the_most_recent(tmp_path, task, built):
+    process, spec = built
+    paths = outputs.OutputPaths(str(tmp_path), "run")
+    config = _config(3, checkpoints_to_keep=2, rounds_per_eval=0)
+    program.run_training(process, spec, task, config, paths, log=lambda line: None)
+    assert program.checkpoint_rounds(paths.checkpoint_dir) == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that do not fit.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_checkpoint_without_checkpoints_creates_nothing(tmp_path, built):
+    directory = tmp_path / "checkpoints" / "run"
+    assert program.load_checkpoint(str(directory), built[0]) == (0, None)
+    assert not directory.exists()
+
+
+def test_checkpoint_of_another_model_shape_is_rejected_untouched(uninterrupted):
+    paths, _, _ = uninterrupted
+    cnn_process, _ = _process(_task(model="cnn"))
+    before = _tree_digest(pathlib.Path(paths.checkpoint_dir))
+    with pytest.raises(program.CheckpointError, match=r"float32\[64, 64\].*float32\[3, 3, 1, 16\]"):
+        program.load_checkpoint(paths.checkpoint_dir, cnn_process)
+    assert _tree_digest(pathlib.Path(paths.checkpoint_dir)) == before
+
+
+def test_checkpoint_of_another_state_structure_is_rejected(uninterrupted, task):
+    paths, _, _ = uninterrupted
+    adam_process, _ = _process(task, server_optimizer="adam")
+    with pytest.raises(program.CheckpointError, match="cannot be read as this state") as raised:
+        program.load_checkpoint(paths.checkpoint_dir, adam_process)
+    assert raised.value.path.endswith(f"{program.CHECKPOINT_PREFIX}3")
+
+
+def test_damaged_checkpoint_is_rejected_with_its_path(tmp_path, uninterrupted, built):
+    paths, _, _ = uninterrupted
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(paths.checkpoint_dir, copy)
+    data = next((copy / f"{program.CHECKPOINT_PREFIX}3" / "variables").glob("variables.data*"))
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(program.CheckpointError) as raised:
+        program.load_checkpoint(str(copy), built[0])
+    message = str(raised.value)
+    assert f"{program.CHECKPOINT_PREFIX}3" in message and "\n" not in message
+
+
+def test_checkpoint_from_an_unfinished_save_is_ignored(tmp_path, uninterrupted, built):
+    # TFF writes a checkpoint under a temporary name and renames it; a kill leaves the temporary.
+    paths, _, _ = uninterrupted
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(paths.checkpoint_dir, copy)
+    (copy / f"{program.CHECKPOINT_PREFIX}4_temp1234").mkdir()
+    assert program.load_checkpoint(str(copy), built[0])[0] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_program_config_rejects_out_of_range_values():
+    with pytest.raises(ValueError, match="total_rounds"):
+        _config(0)
+    with pytest.raises(ValueError, match="rounds_per_eval"):
+        _config(3, rounds_per_eval=-1)
+    with pytest.raises(ValueError, match="num_eval_clients"):
+        _config(3, num_eval_clients=0)
+
+
+def test_format_duration():
+    assert program.format_duration(0) == "0:00"
+    assert program.format_duration(65.4) == "1:05"
+    assert program.format_duration(3 * 3600 + 62) == "3:01:02"
+
+
+def test_headline_prefers_train_loss_then_query_loss():
+    assert program.headline({"client_work/train_loss": 0.5}) == "train loss 0.5000"
+    metrics = {"a/pre_adaptation_loss": 2.0, "a/post_adaptation_loss": 1.25}
+    assert program.headline(metrics) == "query loss 1.2500"
+    assert program.headline({"other": 1.0}) == ""
+
+
+def test_flat_metrics_names_columns_like_the_release_managers():
+    metrics = {"client_work": {"train_loss": 1.0, "empty": ()}, "distributor": ()}
+    assert dict(program.flat_metrics(metrics)) == {"client_work/train_loss": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: paths, checks that write nothing, settings, JSON.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_paths_follow_the_design_contract():
+    paths = outputs.OutputPaths("/out", "exp")
+    assert paths.metrics_csv == "/out/results/exp/experiment.metrics.csv"
+    assert paths.hparams_csv == "/out/results/exp/hparams.csv"
+    assert paths.personalization_json == "/out/results/exp/personalization.json"
+    assert paths.checkpoint_dir == "/out/checkpoints/exp"
+    assert paths.logdir == "/out/logdir/exp"
+
+
+def test_check_output_dirs_accepts_a_new_directory_and_creates_nothing(tmp_path):
+    outputs.check_output_dirs(outputs.OutputPaths(str(tmp_path / "new" / "root"), "exp"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_dirs_rejects_a_path_through_a_file(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(outputs.OutputDirError, match="is not a directory"):
+        outputs.check_output_dirs(outputs.OutputPaths(str(tmp_path / "file" / "root"), "exp"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories anyway")
+def test_check_output_dirs_rejects_a_read_only_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(outputs.OutputDirError, match="cannot write"):
+            outputs.check_output_dirs(outputs.OutputPaths(str(locked / "root"), "exp"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_check_output_dirs_rejects_an_unwritable_file_system():
+    # /proc takes no new entries, not even from root (whom permission bits do not stop).
+    with pytest.raises(outputs.OutputDirError, match="/proc"):
+        outputs.check_output_dirs(outputs.OutputPaths("/proc/mfl_tff_test", "exp"))
+
+
+def test_hparams_round_trip_and_differences(tmp_path):
+    path = str(tmp_path / "results" / "hparams.csv")
+    hparams = {"task": "digits", "inner_lr": 0.4, "shots": None, "verbose": False, "ids": [1, 2]}
+    assert outputs.hparams_differences(path, hparams) == []  # No file yet.
+    outputs.write_hparams(path, hparams)
+    assert outputs.read_hparams(path) == {
+        "task": "digits",
+        "inner_lr": "0.4",
+        "shots": "",
+        "verbose": "False",
+        "ids": "1,2",
+    }
+    assert outputs.hparams_differences(path, hparams) == []
+    changed = dict(hparams, inner_lr=0.1, verbose=True, new_flag=3)
+    assert outputs.hparams_differences(path, changed, may_differ={"verbose"}) == [
+        ("inner_lr", "0.4", "0.1")
+    ]
+    assert sorted(os.listdir(tmp_path / "results")) == ["hparams.csv"]  # No temporary left.
+
+
+def test_malformed_hparams_file_is_a_program_error(tmp_path):
+    path = tmp_path / "hparams.csv"
+    path.write_text("a,b\n1,2\n3,4\n")
+    with pytest.raises(outputs.ProgramError, match="hparams.csv"):
+        outputs.hparams_differences(str(path), {"a": 1})
+
+
+def test_write_json_is_strict_json(tmp_path):
+    path = tmp_path / "r" / "personalization.json"
+    outputs.write_json(str(path), {"mean": float("nan"), "curve": [1.0, float("inf")], "n": 3})
+    assert json.loads(path.read_text()) == {"mean": None, "curve": [1.0, None], "n": 3}
+    assert sorted(os.listdir(path.parent)) == ["personalization.json"]
