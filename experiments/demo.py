@@ -42,7 +42,9 @@ def main(argv: list[str]) -> None:
             state = process.initialize()
             start = time.time()
             for round_num in range(1, _ROUNDS.value + 1):
-                clients = task.train_clients(task.sample_train_ids(_CLIENTS.value, round_num))
+                clients = task.train_clients(
+                    task.sample_train_ids(_CLIENTS.value, round_num), round_num
+                )
                 output = process.next(state, spec.client_values(clients))
                 state = output.state
                 if round_num % 25 == 0 or round_num == _ROUNDS.value:

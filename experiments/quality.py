@@ -109,7 +109,9 @@ def main(argv: list[str]) -> None:
             trained_s, reached_at, start = 0.0, None, time.time()
             for round_num in range(1, rounds[-1] + 1):
                 ids = task.sample_train_ids(_CLIENTS.value, round_num)
-                state = process.next(state, spec.client_values(task.train_clients(ids))).state
+                state = process.next(
+                    state, spec.client_values(task.train_clients(ids, round_num))
+                ).state
                 if round_num % 100 == 0:
                     print(f"{name} round {round_num} {time.time() - start:.0f}s", flush=True)
                 probe = _EVAL_EVERY.value and round_num % _EVAL_EVERY.value == 0

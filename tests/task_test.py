@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -133,3 +134,27 @@ def test_check_positive_names_the_bad_option():
     check_positive(a=1, b=5)
     with pytest.raises(ValueError, match="b must be >= 1"):
         check_positive(a=1, b=0)
+
+
+def test_round_resplit_keeps_the_examples_draws_a_new_split_per_round_and_is_reproducible():
+    task, clients = _task()
+    cid = "train/2"  # 11 examples: all fit, so only the support/query assignment can change
+    supports = []
+    for round_num in range(6):
+        (packed,) = task.train_clients([cid], round_num)
+        ys = np.concatenate([_real_y(packed["support"]), _real_y(packed["query"])])
+        np.testing.assert_array_equal(np.sort(ys), clients[cid]["y"])
+        supports.append(frozenset(_real_y(packed["support"]).tolist()))
+        (again,) = _task()[0].train_clients([cid], round_num)
+        np.testing.assert_array_equal(again["support"]["y"], packed["support"]["y"])
+    # 6 rounds drawing 6 of 11 examples: identical supports every round would mean no re-split.
+    assert len(set(supports)) > 1
+
+
+def test_round_resplit_leaves_a_generator_fixed_split_alone():
+    task, clients = _task()
+    task = dataclasses.replace(task, train_split=packing.SplitSpec(support_size=3, shuffle=False))
+    cid = "train/1"
+    first = {r: task.train_clients([cid], r)[0] for r in (0, 1)}
+    for packed in first.values():
+        np.testing.assert_array_equal(np.sort(_real_y(packed["support"])), clients[cid]["y"][:3])

@@ -59,7 +59,7 @@ class FederatedTask:
     seed: int = 0
     cache_size: int = 50_000
     _cache: collections.OrderedDict = dataclasses.field(
-        default_factory=collections.OrderedDict, repr=False
+        default_factory=collections.OrderedDict, init=False, repr=False
     )
 
     def __post_init__(self):
@@ -79,7 +79,19 @@ class FederatedTask:
         """'accuracy' for classification, 'mse' for regression."""
         return "accuracy" if self.problem == "classification" else "mse"
 
-    def _pack(self, which: str, client_id: str) -> collections.OrderedDict:
+    def _pack(
+        self, which: str, client_id: str, round_num: Optional[int] = None
+    ) -> collections.OrderedDict:
+        # A round-dependent split only differs from the fixed one when the split shuffles.
+        split = self.train_split if which == "train" else self.eval_split
+        if round_num is not None and split.shuffle:
+            tag = f"pack/{which}/{client_id}/round/{round_num}"
+            arrays = client_data_lib.client_arrays(
+                self.train_data if which == "train" else self.eval_data, client_id
+            )
+            pack = self.train_pack if which == "train" else self.eval_pack
+            rng = np.random.default_rng(packing.client_seed(self.seed, tag))
+            return packing.pack_client(arrays, split, pack, rng)
         key = (which, client_id)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -95,9 +107,19 @@ class FederatedTask:
             self._cache.popitem(last=False)
         return packed
 
-    def train_clients(self, client_ids: Sequence[str]) -> list[collections.OrderedDict]:
-        """Packed training clients, in the order of `client_ids`."""
-        return [self._pack("train", cid) for cid in client_ids]
+    def train_clients(
+        self, client_ids: Sequence[str], round_num: Optional[int] = None
+    ) -> list[collections.OrderedDict]:
+        """Packed training clients, in the order of `client_ids`.
+
+        With `round_num`, each client's support/query split is drawn anew for that round (a
+        function of seed, client and round, so resumed runs match). Meta-learners need this on a
+        fixed pool of clients: with one split per client for the whole run, theta and alpha fit
+        the training clients' query sets, and adaptation on new clients loses accuracy
+        (DESIGN.md's pitfall). Tasks that fix the split themselves (`shuffle=False`) are
+        unaffected.
+        """
+        return [self._pack("train", cid, round_num) for cid in client_ids]
 
     def eval_clients(self, client_ids: Sequence[str]) -> list[collections.OrderedDict]:
         """Packed held-out clients, in the order of `client_ids`."""

@@ -307,7 +307,7 @@ def run_training(
     first_round_done = None
     for round_num in range(start_round + 1, total + 1):
         client_ids = task.sample_train_ids(config.clients_per_round, round_num)
-        output = process.next(state, spec.client_values(task.train_clients(client_ids)))
+        output = process.next(state, spec.client_values(task.train_clients(client_ids, round_num)))
         state = output.state
         released = collections.OrderedDict(output.metrics)
         is_last = round_num == total
