@@ -35,7 +35,10 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -o python_files='*_test.py' -p no:cacheprovider $(PYTEST_FLAGS) tests
 
+# The training binary on the default task (mfl on digits_fewshot; rerunning resumes), then MFL
+# against FedAvg with fine-tuning on the same clients.
 demo: $(STAMP)
+	$(PY) -m experiments.train --root_output_dir=output --experiment_name=demo
 	$(PY) -m experiments.demo
 
 clean:
