@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(TFF)) | cksum 
 RUFF := $(VENV)/bin/ruff
 PYTEST_FLAGS ?= -q
 export PYTHONPATH := $(CURDIR)
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+# TF and XLA print GPU-plugin errors at import on CPU-only machines; 3 keeps only fatal ones.
+export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 .PHONY: demo test lint format venv clean
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from mfl_tff.algorithms import builders
 from mfl_tff.data import registry
@@ -24,6 +24,7 @@ _STEPS = flags.DEFINE_integer("inner_steps", 5, "Inner / adaptation steps.")
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)
     task = registry.get_task("digits_fewshot", num_eval_clients=_EVAL_CLIENTS.value)
     print(
         f"Task {task.name}: 5-way 5-shot digits; {_ROUNDS.value} rounds x "
