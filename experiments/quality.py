@@ -9,7 +9,7 @@ at --fine_tune_lr for the others) and with the shared fine-tuning baseline. Rows
 Example (sinusoid, 10-shot, 1 inner step, as in MAML / Meta-SGD):
 
   python -m experiments.quality --task=sinusoid --shots=10 --algorithms=meta_sgd,maml,mfl \
-      --rounds=500,1500 --inner_lr=0.01 --output=results/quality_sinusoid.md
+      --rounds=500,1500 --inner_lr=0.01 --output=experiments/results/quality_sinusoid.md
 """
 
 from __future__ import annotations
