@@ -11,16 +11,11 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import builders, fedavg
 from mfl_tff.data import sinusoid
-from mfl_tff.training import runtime
 
 LEARNS_ALPHA = {"mfl", "meta_sgd"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,12 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import composers
 from mfl_tff.models import functional, keras_models
-from mfl_tff.training import runtime
 
 SIZES = (3, 5, 1)  # support examples of the three clients
 STATE_FIELDS = ("global_model_weights", "distributor", "client_work", "aggregator", "finalizer")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.data import emnist
+from mfl_tff.training import runtime
 
 NUM_WRITERS = 12
 NUM_EVAL = 3
@@ -85,3 +86,11 @@ def emnist_dir(tmp_path_factory):
         str(directory / emnist.CACHE_FILE_NAME), splits, str(tmp_path_factory.mktemp("scratch"))
     )
     return directory, digits_train, all_train
+
+
+@pytest.fixture(scope="module")
+def tff_local_execution():
+    """TFF's runtime for a test module: a worker we start, stopped (and checked gone) after it."""
+    with runtime.local_execution():
+        yield
+    assert runtime.live_worker_pids() == []

@@ -15,7 +15,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import fedavg
 from mfl_tff.data import digits, packing
-from mfl_tff.training import runtime
 
 LR = 0.1
 ROUNDS = 3
@@ -29,11 +28,9 @@ MEASURED: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def execution():
+def execution(tff_local_execution):
     """Every computation of this module runs on a worker we own, stopped afterwards."""
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+    yield
     for name, value in MEASURED.items():
         print(f"fedavg_test max abs diff {name}: {value:.3g}")
 

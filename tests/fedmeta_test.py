@@ -15,7 +15,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import fedmeta
 from mfl_tff.data import sinusoid
-from mfl_tff.training import runtime
 
 INNER_LR = 0.02
 INNER_STEPS = 2
@@ -31,11 +30,7 @@ def sgd(learning_rate):
     return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

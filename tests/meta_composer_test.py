@@ -17,7 +17,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import meta_composer
 from mfl_tff.models import functional, keras_models
-from mfl_tff.training import runtime
 
 MIN_ALPHA = 0.01
 SIZES = (2, 6)
@@ -32,11 +31,7 @@ STATE_FIELDS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 ALPHA = (np.float32(0.1), np.array([0.05, 0.2, 0.3], np.float32))

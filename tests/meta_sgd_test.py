@@ -15,7 +15,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import meta_sgd
 from mfl_tff.data import sinusoid
-from mfl_tff.training import runtime
 
 INITIAL_ALPHA = 0.02
 INNER_STEPS = 2
@@ -23,11 +22,7 @@ META_LR = 0.02
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import mfl
 from mfl_tff.data import digits, packing
-from mfl_tff.training import runtime
 
 LR = 0.1
 ROUNDS = 3
@@ -41,10 +40,8 @@ def sgd(learning_rate):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+def execution(tff_local_execution):
+    yield
     for name, value in MEASURED.items():
         print(f"mfl_test max abs diff {name}: {value:.3g}")
 

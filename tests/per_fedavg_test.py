@@ -22,7 +22,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import per_fedavg
 from mfl_tff.data import digits
-from mfl_tff.training import runtime
 
 ALPHA = 0.05
 BETA = 0.1
@@ -34,11 +33,7 @@ RTOL, ATOL = 1e-4, 1e-6
 CLIENT_INDICES = (0, 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import tensorflow_federated as tff
 
 from mfl_tff.data import digits
 from mfl_tff.evaluation import personalization
-from mfl_tff.training import runtime
 
 MAX_STEPS = 3
 GUARD_AFTER = 1
@@ -25,11 +24,7 @@ HUGE_ALPHA = (300.0,) * 6
 KEYS = ("own_loss", "own_metric", "fine_tune_loss", "fine_tune_metric")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

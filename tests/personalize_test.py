@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from mfl_tff.algorithms import builders
 from mfl_tff.data import sinusoid
-from mfl_tff.training import personalize, runtime
+from mfl_tff.training import personalize
 
 FINE_TUNE_LR = 0.02
 MAX_STEPS = 3
@@ -32,11 +32,7 @@ DESIGN_KEYS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,14 @@ import tensorflow as tf
 
 from mfl_tff.algorithms import builders
 from mfl_tff.data import digits
-from mfl_tff.training import outputs, program, runtime
+from mfl_tff.training import outputs, program
 
 CLIENTS_PER_ROUND = 3
 INNER_LR = 0.4
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def execution():
-    with runtime.local_execution():
-        yield
-    assert runtime.live_worker_pids() == []
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 def _task(model: str = "mlp"):
