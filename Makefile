@@ -36,11 +36,12 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -o python_files='*_test.py' -p no:cacheprovider $(PYTEST_FLAGS) tests
 
-# The training binary on the default task (mfl on digits_fewshot; rerunning resumes), then MFL
-# against FedAvg with fine-tuning on the same clients.
+# The training binary on the default task (mfl on digits_fewshot; rerunning resumes), then a short
+# comparison of MFL against FedAvg with fine-tuning on the same clients (output/compare/).
 demo: $(STAMP)
 	$(PY) -m experiments.train --root_output_dir=output --experiment_name=demo
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.compare --algorithms=mfl,fedavg --total_rounds=150 --rounds_per_eval=50 \
+		--num_eval_clients=200 --output_dir=output/compare
 
 clean:
 	rm -rf $(VENV)

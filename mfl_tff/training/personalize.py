@@ -42,7 +42,8 @@ def evaluate(
     rounds: int,
     num_clients: Optional[int] = None,
     fine_tune_steps: Optional[int] = None,
-) -> dict:
+    return_per_client: bool = False,
+):
     """Adapts held-out clients with the algorithm's rule and the shared fine-tuning baseline.
 
     Args:
@@ -57,14 +58,15 @@ def evaluate(
       fine_tune_steps: Step at which "after adaptation" is read for fine-tuning (default max_steps).
 
     Returns:
-      The `personalization.json` document (see `mfl_tff.evaluation.summaries`).
+      The `personalization.json` document (see `mfl_tff.evaluation.summaries`); with
+      `return_per_client`, a pair of it and the per-client curves the computation returned.
     """
     alpha = builders.evaluation_alpha(process, state, spec, fine_tune_lr)
     own_steps = min(spec.eval_steps, max_steps)
     computation = _eval_computation(task, alpha, max_steps, fine_tune_lr, own_steps)
     ids = task.eval_data.client_ids[: num_clients or len(task.eval_data.client_ids)]
     per_client = computation(process.get_model_weights(state), alpha, task.eval_clients(ids))
-    return summaries.personalization_report(
+    report = summaries.personalization_report(
         per_client,
         task=task.name,
         algorithm=spec.name,
@@ -73,3 +75,4 @@ def evaluate(
         own_steps=own_steps,
         fine_tune_steps=fine_tune_steps or max_steps,
     )
+    return (report, per_client) if return_per_client else report
