@@ -61,167 +61,16 @@ if __name__ == "__main__" and not _verbose_requested(sys.argv):
 
 import tensorflow as tf  # noqa: E402
 
+from experiments import train_flags as cfg  # noqa: E402
 from mfl_tff.algorithms import builders, mfl  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
 from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
 from mfl_tff.training import outputs, program, runtime  # noqa: E402
 
-# Held-out clients evaluated when --num_eval_clients is not given: enough for a stable mean and
-# p10, and a 100-client evaluation costs about a second (digits_fewshot's 500 take several).
-DEFAULT_EVAL_CLIENTS = 100
+# --helpshort lists the flags of train_flags as this binary's own.
+flags.adopt_module_key_flags(cfg)
 
-# ---- What is trained ----
-_TASK = flags.DEFINE_string(
-    "task", "digits_fewshot", "Task name: digits, digits_fewshot, sinusoid, synthetic, emnist."
-)
-_ALGORITHM = flags.DEFINE_string(
-    "algorithm",
-    "mfl",
-    "Algorithm: fedavg, maml, fomaml, meta_sgd, reptile, per_fedavg_fo, per_fedavg_hf, mfl.",
-)
-_TOTAL_ROUNDS = flags.DEFINE_integer(
-    "total_rounds", 100, "Training rounds in total (a resumed run trains the remaining ones)."
-)
-_CLIENTS_PER_ROUND = flags.DEFINE_integer(
-    "clients_per_round", 25, "Training clients sampled each round (a function of seed and round)."
-)
-_INNER_STEPS = flags.DEFINE_integer(
-    "inner_steps", 5, "K: inner-loop steps on the support set (local steps of reptile/Per-FedAvg)."
-)
-_LOCAL_EPOCHS = flags.DEFINE_integer(
-    "local_epochs", 1, "E: local epochs of fedavg and of mfl's 'local' adaptive update."
-)
-_ALPHA_GRANULARITY = flags.DEFINE_string(
-    "alpha_granularity", "per_layer", "mfl's learned rates: scalar, per_layer or per_coordinate."
-)
-_ADAPTIVE_UPDATE = flags.DEFINE_string(
-    "adaptive_update",
-    "meta",
-    "mfl's update of theta: 'meta' (query-loss gradient after K steps, MAML-like) or 'local' "
-    "(E epochs with the learned rates, FedAvg-like).",
-)
-_ADAPTIVE_DATA = flags.DEFINE_string(
-    "adaptive_data", "support", "Data of mfl's 'local' update: support (default) or all."
-)
-_FIRST_ORDER = flags.DEFINE_bool(
-    "first_order", False, "mfl: first-order meta-gradients (no second derivatives)."
-)
-_INNER_LR = flags.DEFINE_float(
-    "inner_lr",
-    0.4,
-    "The clients' step size everywhere: fedavg's local SGD, the inner loop, the initial learned "
-    "rates of mfl/meta_sgd, and held-out fine-tuning.",
-)
-_OUTER_LR = flags.DEFINE_float("outer_lr", 0.01, "Per-FedAvg's beta (its second local step).")
-_META_OPTIMIZER = flags.DEFINE_string(
-    "meta_optimizer",
-    "adam",
-    "Server optimizer of what is meta-learned (theta for maml/fomaml/meta_sgd, alpha for mfl): "
-    "sgd, sgdm, adam, adagrad, yogi.",
-)
-_META_LR = flags.DEFINE_float("meta_lr", 1e-3, "Learning rate of --meta_optimizer.")
-_SERVER_OPTIMIZER = flags.DEFINE_string(
-    "server_optimizer",
-    None,
-    "Optimizer applying model updates (fedavg, reptile, Per-FedAvg, mfl's theta); empty: the "
-    "algorithm's default (sgd for fedavg and mfl 'local', adam for mfl 'meta').",
-)
-_SERVER_LR = flags.DEFINE_float(
-    "server_lr",
-    None,
-    "Learning rate of --server_optimizer (reptile's epsilon); empty: the algorithm's default "
-    "(1.0 for sgd, 1e-3 for mfl's adam).",
-)
-_AGGREGATOR = flags.DEFINE_string(
-    "aggregator", "mean", "How client updates are combined: mean (weighted by examples)."
-)
-_COHORT_SIZE = flags.DEFINE_integer(
-    "cohort_size",
-    25,
-    "Clients stacked into one federated client and trained in one TF call (same results, much "
-    "faster); capped at --clients_per_round; 0 turns cohorts off.",
-)
-_SEED = flags.DEFINE_integer(
-    "seed", 0, "Seed of the data, the initial model and each round's clients."
-)
-
-# ---- Data ----
-_NUM_TRAIN_CLIENTS = flags.DEFINE_integer(
-    "num_train_clients", None, "Training clients of the task; empty: the task's default."
-)
-_NUM_EVAL_CLIENTS = flags.DEFINE_integer(
-    "num_eval_clients",
-    None,
-    "Held-out clients (never trained on) to evaluate; the task then holds out this many. Empty: "
-    f"the task's own held-out clients, at most {DEFAULT_EVAL_CLIENTS} of them evaluated.",
-)
-_SHOTS = flags.DEFINE_integer(
-    "shots", None, "Support examples per client (per class for digits_fewshot); empty: default."
-)
-_DIRICHLET = flags.DEFINE_float(
-    "dirichlet_concentration", None, "digits: label skew, smaller is more skewed; empty: 0.5."
-)
-_MODEL = flags.DEFINE_string(
-    "model", None, "Model of digits/digits_fewshot/emnist: mlp or cnn; empty: the task's default."
-)
-_DATA_CACHE_DIR = flags.DEFINE_string(
-    "data_cache_dir", None, "emnist: directory holding emnist_all.sqlite; empty: ~/.tff."
-)
-
-# ---- Evaluation, checkpoints, output ----
-_EVAL_ADAPTATION_STEPS = flags.DEFINE_integer(
-    "eval_adaptation_steps",
-    None,
-    "Adaptation steps on each held-out client's support set; empty: --inner_steps.",
-)
-_ROUNDS_PER_EVAL = flags.DEFINE_integer(
-    "rounds_per_eval", 25, "Evaluate held-out clients every N rounds; 0: only after the last."
-)
-_ROUNDS_PER_CHECKPOINT = flags.DEFINE_integer(
-    "rounds_per_checkpoint", 10, "Save the program state every N rounds (and after the last)."
-)
-_CHECKPOINTS_TO_KEEP = flags.DEFINE_integer(
-    "checkpoints_to_keep", 3, "Most recent checkpoints kept; 0 keeps all."
-)
-_ROUNDS_PER_LOG = flags.DEFINE_integer(
-    "rounds_per_log", 1, "Print a progress line every N rounds (and on evaluation rounds)."
-)
-_ROOT_OUTPUT_DIR = flags.DEFINE_string(
-    "root_output_dir", "/tmp/mfl_tff", "Root of results/, checkpoints/ and logdir/."
-)
-_EXPERIMENT_NAME = flags.DEFINE_string(
-    "experiment_name",
-    None,
-    "Name of this run's subdirectories; empty: TASK_ALGORITHM. Rerunning with the same name "
-    "resumes.",
-)
-_EXECUTION = flags.DEFINE_string(
-    "execution", "local", "Where computations run: local (a TFF worker started and stopped here)."
-)
-_VERBOSE = flags.DEFINE_bool(
-    "verbose", False, "Show TensorFlow's and TFF's own log output (hidden by default)."
-)
-
-# Flags that do not change what is trained: a resumed run may change them.
-MAY_DIFFER_ON_RESUME = frozenset(
-    {
-        "total_rounds",
-        "eval_adaptation_steps",
-        "rounds_per_eval",
-        "rounds_per_checkpoint",
-        "checkpoints_to_keep",
-        "rounds_per_log",
-        "root_output_dir",
-        "experiment_name",
-        "data_cache_dir",
-        "execution",
-        "cohort_size",
-        "verbose",
-    }
-)
-AGGREGATORS = ("mean",)
-EXECUTIONS = ("local",)
 EXIT_BAD_INPUT = 2
 # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -233,8 +82,7 @@ class UsageError(Exception):
 
 def _own_flags() -> dict[str, Any]:
     """This binary's flags and their values, in definition order (for hparams.csv)."""
-    module = sys.modules[__name__]
-    return {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(module)}
+    return {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(cfg)}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -245,54 +93,54 @@ def _require(condition: bool, message: str) -> None:
 def _check_flags() -> None:
     """Checks the flags that need no library (counts, ranges, fixed choices)."""
     at_least_one = {
-        "total_rounds": _TOTAL_ROUNDS,
-        "clients_per_round": _CLIENTS_PER_ROUND,
-        "inner_steps": _INNER_STEPS,
-        "local_epochs": _LOCAL_EPOCHS,
-        "rounds_per_checkpoint": _ROUNDS_PER_CHECKPOINT,
-        "rounds_per_log": _ROUNDS_PER_LOG,
-        "num_train_clients": _NUM_TRAIN_CLIENTS,
-        "num_eval_clients": _NUM_EVAL_CLIENTS,
-        "shots": _SHOTS,
-        "eval_adaptation_steps": _EVAL_ADAPTATION_STEPS,
+        "total_rounds": cfg.TOTAL_ROUNDS,
+        "clients_per_round": cfg.CLIENTS_PER_ROUND,
+        "inner_steps": cfg.INNER_STEPS,
+        "local_epochs": cfg.LOCAL_EPOCHS,
+        "rounds_per_checkpoint": cfg.ROUNDS_PER_CHECKPOINT,
+        "rounds_per_log": cfg.ROUNDS_PER_LOG,
+        "num_train_clients": cfg.NUM_TRAIN_CLIENTS,
+        "num_eval_clients": cfg.NUM_EVAL_CLIENTS,
+        "shots": cfg.SHOTS,
+        "eval_adaptation_steps": cfg.EVAL_ADAPTATION_STEPS,
     }
     for name, holder in at_least_one.items():
         value = holder.value
         _require(value is None or value >= 1, f"--{name} must be >= 1, got {value}.")
     for name, holder in {
-        "rounds_per_eval": _ROUNDS_PER_EVAL,
-        "checkpoints_to_keep": _CHECKPOINTS_TO_KEEP,
-        "cohort_size": _COHORT_SIZE,
+        "rounds_per_eval": cfg.ROUNDS_PER_EVAL,
+        "checkpoints_to_keep": cfg.CHECKPOINTS_TO_KEEP,
+        "cohort_size": cfg.COHORT_SIZE,
     }.items():
         _require(holder.value >= 0, f"--{name} must be >= 0 (0 turns it off), got {holder.value}.")
     for name, holder in {
-        "inner_lr": _INNER_LR,
-        "outer_lr": _OUTER_LR,
-        "meta_lr": _META_LR,
-        "server_lr": _SERVER_LR,
-        "dirichlet_concentration": _DIRICHLET,
+        "inner_lr": cfg.INNER_LR,
+        "outer_lr": cfg.OUTER_LR,
+        "meta_lr": cfg.META_LR,
+        "server_lr": cfg.SERVER_LR,
+        "dirichlet_concentration": cfg.DIRICHLET,
     }.items():
         value = holder.value
         _require(value is None or value > 0, f"--{name} must be > 0, got {value}.")
-    if _NUM_TRAIN_CLIENTS.value is not None:
+    if cfg.NUM_TRAIN_CLIENTS.value is not None:
         _require(
-            _CLIENTS_PER_ROUND.value <= _NUM_TRAIN_CLIENTS.value,
-            f"--clients_per_round={_CLIENTS_PER_ROUND.value} exceeds "
-            f"--num_train_clients={_NUM_TRAIN_CLIENTS.value}; lower --clients_per_round or raise "
-            "--num_train_clients.",
+            cfg.CLIENTS_PER_ROUND.value <= cfg.NUM_TRAIN_CLIENTS.value,
+            f"--clients_per_round={cfg.CLIENTS_PER_ROUND.value} exceeds "
+            f"--num_train_clients={cfg.NUM_TRAIN_CLIENTS.value}; lower --clients_per_round or "
+            "raise --num_train_clients.",
         )
     _require(
-        _AGGREGATOR.value in AGGREGATORS,
-        f"--aggregator={_AGGREGATOR.value!r} is not supported; choose one of: "
-        f"{', '.join(AGGREGATORS)}.",
+        cfg.AGGREGATOR.value in cfg.AGGREGATORS,
+        f"--aggregator={cfg.AGGREGATOR.value!r} is not supported; choose one of: "
+        f"{', '.join(cfg.AGGREGATORS)}.",
     )
     _require(
-        _EXECUTION.value in EXECUTIONS,
-        f"--execution={_EXECUTION.value!r} is not supported; choose one of: "
-        f"{', '.join(EXECUTIONS)}.",
+        cfg.EXECUTION.value in cfg.EXECUTIONS,
+        f"--execution={cfg.EXECUTION.value!r} is not supported; choose one of: "
+        f"{', '.join(cfg.EXECUTIONS)}.",
     )
-    _require(_SEED.value >= 0, f"--seed must be >= 0, got {_SEED.value}.")
-    _require(bool(_ROOT_OUTPUT_DIR.value), "--root_output_dir must not be empty.")
+    _require(cfg.SEED.value >= 0, f"--seed must be >= 0, got {cfg.SEED.value}.")
+    _require(bool(cfg.ROOT_OUTPUT_DIR.value), "--root_output_dir must not be empty.")
     name = _experiment_name()
     _require(
         name not in ("", ".", "..") and os.sep not in name,
@@ -303,24 +151,24 @@ def _check_flags() -> None:
 def _check_choices() -> None:
     """Checks the flags whose choices the library defines (before any algorithm is built)."""
     choices = (
-        (_META_OPTIMIZER, builders.OPTIMIZERS),
-        (_SERVER_OPTIMIZER, builders.OPTIMIZERS),
-        (_ALPHA_GRANULARITY, meta_hparams.GRANULARITIES),
-        (_ADAPTIVE_UPDATE, mfl.ADAPTIVE_UPDATES),
-        (_ADAPTIVE_DATA, mfl.ADAPTIVE_DATA),
+        (cfg.META_OPTIMIZER, builders.OPTIMIZERS),
+        (cfg.SERVER_OPTIMIZER, builders.OPTIMIZERS),
+        (cfg.ALPHA_GRANULARITY, meta_hparams.GRANULARITIES),
+        (cfg.ADAPTIVE_UPDATE, mfl.ADAPTIVE_UPDATES),
+        (cfg.ADAPTIVE_DATA, mfl.ADAPTIVE_DATA),
     )
     for holder, allowed in choices:
         value = holder.value
         _require(
-            value in allowed or (holder is _SERVER_OPTIMIZER and not value),
+            value in allowed or (holder is cfg.SERVER_OPTIMIZER and not value),
             f"--{holder.name}={value!r} is unknown; choose one of: {', '.join(allowed)}.",
         )
 
 
 def _experiment_name() -> str:
-    if _EXPERIMENT_NAME.value is not None:
-        return _EXPERIMENT_NAME.value
-    return f"{_TASK.value}_{_ALGORITHM.value}"
+    if cfg.EXPERIMENT_NAME.value is not None:
+        return cfg.EXPERIMENT_NAME.value
+    return f"{cfg.TASK.value}_{cfg.ALGORITHM.value}"
 
 
 def _set_log_levels(verbose: bool) -> None:
@@ -338,25 +186,27 @@ def _set_log_levels(verbose: bool) -> None:
 
 def _train() -> None:
     _check_flags()
-    _set_log_levels(_VERBOSE.value)
+    _set_log_levels(cfg.VERBOSE.value)
     _require(
-        _TASK.value in registry.task_names(),
-        f"--task={_TASK.value!r} is unknown; choose one of: {', '.join(registry.task_names())}.",
+        cfg.TASK.value in registry.task_names(),
+        f"--task={cfg.TASK.value!r} is unknown; choose one of: {', '.join(registry.task_names())}.",
     )
     _require(
-        _ALGORITHM.value in builders.ALGORITHMS,
-        f"--algorithm={_ALGORITHM.value!r} is unknown; choose one of: "
+        cfg.ALGORITHM.value in builders.ALGORITHMS,
+        f"--algorithm={cfg.ALGORITHM.value!r} is unknown; choose one of: "
         f"{', '.join(builders.ALGORITHMS)}.",
     )
     _check_choices()
-    paths = outputs.OutputPaths(_ROOT_OUTPUT_DIR.value, _experiment_name())
+    paths = outputs.OutputPaths(cfg.ROOT_OUTPUT_DIR.value, _experiment_name())
     try:
         outputs.check_output_dirs(paths)
     except outputs.OutputDirError as e:
-        raise UsageError(f"--root_output_dir={_ROOT_OUTPUT_DIR.value}: {e}") from None
+        raise UsageError(f"--root_output_dir={cfg.ROOT_OUTPUT_DIR.value}: {e}") from None
     hparams = _own_flags()
     try:
-        differences = outputs.hparams_differences(paths.hparams_csv, hparams, MAY_DIFFER_ON_RESUME)
+        differences = outputs.hparams_differences(
+            paths.hparams_csv, hparams, cfg.MAY_DIFFER_ON_RESUME
+        )
     except outputs.ProgramError as e:
         raise UsageError(str(e)) from None
     if differences:
@@ -369,9 +219,10 @@ def _train() -> None:
     task = _build_task()
     num_train = len(task.train_data.client_ids)
     _require(
-        _CLIENTS_PER_ROUND.value <= num_train,
-        f"--clients_per_round={_CLIENTS_PER_ROUND.value} exceeds the {num_train} training clients "
-        f"of --task={_TASK.value}; lower --clients_per_round or raise --num_train_clients.",
+        cfg.CLIENTS_PER_ROUND.value <= num_train,
+        f"--clients_per_round={cfg.CLIENTS_PER_ROUND.value} exceeds the {num_train} training "
+        f"clients of --task={cfg.TASK.value}; lower --clients_per_round or raise "
+        "--num_train_clients.",
     )
     process, spec = _build_algorithm(task)
     try:
@@ -389,20 +240,20 @@ def _train() -> None:
     # Everything is checked: from here on, files are written.
     held_out = len(task.eval_data.client_ids)
     config = program.ProgramConfig(
-        total_rounds=_TOTAL_ROUNDS.value,
-        clients_per_round=_CLIENTS_PER_ROUND.value,
-        fine_tune_lr=_INNER_LR.value,
-        eval_adaptation_steps=_EVAL_ADAPTATION_STEPS.value or _INNER_STEPS.value,
-        rounds_per_eval=_ROUNDS_PER_EVAL.value,
-        rounds_per_checkpoint=_ROUNDS_PER_CHECKPOINT.value,
-        checkpoints_to_keep=_CHECKPOINTS_TO_KEEP.value,
-        rounds_per_log=_ROUNDS_PER_LOG.value,
-        num_eval_clients=min(held_out, _NUM_EVAL_CLIENTS.value or DEFAULT_EVAL_CLIENTS),
+        total_rounds=cfg.TOTAL_ROUNDS.value,
+        clients_per_round=cfg.CLIENTS_PER_ROUND.value,
+        fine_tune_lr=cfg.INNER_LR.value,
+        eval_adaptation_steps=cfg.EVAL_ADAPTATION_STEPS.value or cfg.INNER_STEPS.value,
+        rounds_per_eval=cfg.ROUNDS_PER_EVAL.value,
+        rounds_per_checkpoint=cfg.ROUNDS_PER_CHECKPOINT.value,
+        checkpoints_to_keep=cfg.CHECKPOINTS_TO_KEEP.value,
+        rounds_per_log=cfg.ROUNDS_PER_LOG.value,
+        num_eval_clients=min(held_out, cfg.NUM_EVAL_CLIENTS.value or cfg.DEFAULT_EVAL_CLIENTS),
     )
     outputs.write_hparams(paths.hparams_csv, hparams)
     print(
-        f"{_ALGORITHM.value} on {task.name}: {_TOTAL_ROUNDS.value} rounds x "
-        f"{_CLIENTS_PER_ROUND.value} of {num_train} clients, {config.num_eval_clients} held-out "
+        f"{cfg.ALGORITHM.value} on {task.name}: {cfg.TOTAL_ROUNDS.value} rounds x "
+        f"{cfg.CLIENTS_PER_ROUND.value} of {num_train} clients, {config.num_eval_clients} held-out "
         f"clients evaluated; output {paths.results_dir}",
         flush=True,
     )
@@ -442,56 +293,56 @@ def _train() -> None:
 def _build_task() -> FederatedTask:
     """The task from the data flags; task errors become one-line usage errors."""
     options = {
-        "seed": _SEED.value,
-        "num_train_clients": _NUM_TRAIN_CLIENTS.value,
-        "num_eval_clients": _NUM_EVAL_CLIENTS.value,
-        "shots": _SHOTS.value,
-        "dirichlet_concentration": _DIRICHLET.value,
-        "model": _MODEL.value,
-        "data_cache_dir": _DATA_CACHE_DIR.value,
+        "seed": cfg.SEED.value,
+        "num_train_clients": cfg.NUM_TRAIN_CLIENTS.value,
+        "num_eval_clients": cfg.NUM_EVAL_CLIENTS.value,
+        "shots": cfg.SHOTS.value,
+        "dirichlet_concentration": cfg.DIRICHLET.value,
+        "model": cfg.MODEL.value,
+        "data_cache_dir": cfg.DATA_CACHE_DIR.value,
     }
     # Unset flags leave the task's own defaults in place.
     options = {k: v for k, v in options.items() if v is not None}
-    accepted = set(registry.task_options(_TASK.value))
+    accepted = set(registry.task_options(cfg.TASK.value))
     for name in sorted(set(options) - accepted):
         if flags.FLAGS[name].present:
-            print(f"note: --{name} does not apply to --task={_TASK.value}; ignored.", flush=True)
+            print(f"note: --{name} does not apply to --task={cfg.TASK.value}; ignored.", flush=True)
     try:
-        return registry.get_task(_TASK.value, ignore_unknown_options=True, **options)
+        return registry.get_task(cfg.TASK.value, ignore_unknown_options=True, **options)
     except FileNotFoundError as e:
         raise UsageError(f"--data_cache_dir: {e}") from None
     except ValueError as e:
-        raise UsageError(f"--task={_TASK.value}: {e}") from None
+        raise UsageError(f"--task={cfg.TASK.value}: {e}") from None
 
 
 def _build_algorithm(
     task: FederatedTask,
 ) -> tuple[program.LearningProcess, builders.AlgorithmSpec]:
     """The process and spec from the algorithm flags; option errors become usage errors."""
-    clients = _CLIENTS_PER_ROUND.value
+    clients = cfg.CLIENTS_PER_ROUND.value
     options = builders.AlgorithmOptions(
-        inner_lr=_INNER_LR.value,
-        inner_steps=_INNER_STEPS.value,
-        local_epochs=_LOCAL_EPOCHS.value,
-        meta_optimizer=_META_OPTIMIZER.value,
-        meta_lr=_META_LR.value,
-        server_optimizer=_SERVER_OPTIMIZER.value or None,
-        server_lr=_SERVER_LR.value,
-        outer_lr=_OUTER_LR.value,
-        alpha_granularity=_ALPHA_GRANULARITY.value,
-        adaptive_update=_ADAPTIVE_UPDATE.value,
-        adaptive_data=_ADAPTIVE_DATA.value,
-        first_order=_FIRST_ORDER.value,
+        inner_lr=cfg.INNER_LR.value,
+        inner_steps=cfg.INNER_STEPS.value,
+        local_epochs=cfg.LOCAL_EPOCHS.value,
+        meta_optimizer=cfg.META_OPTIMIZER.value,
+        meta_lr=cfg.META_LR.value,
+        server_optimizer=cfg.SERVER_OPTIMIZER.value or None,
+        server_lr=cfg.SERVER_LR.value,
+        outer_lr=cfg.OUTER_LR.value,
+        alpha_granularity=cfg.ALPHA_GRANULARITY.value,
+        adaptive_update=cfg.ADAPTIVE_UPDATE.value,
+        adaptive_data=cfg.ADAPTIVE_DATA.value,
+        first_order=cfg.FIRST_ORDER.value,
         # 'mean' is the builders' default (None); other aggregators come with the privacy work.
         model_aggregator=None,
         meta_aggregator=None,
         # A cohort larger than a round only adds empty padding clients.
-        cohort_size=min(_COHORT_SIZE.value, clients) or None,
+        cohort_size=min(cfg.COHORT_SIZE.value, clients) or None,
     )
     try:
-        return builders.build_algorithm(_ALGORITHM.value, task, options)
+        return builders.build_algorithm(cfg.ALGORITHM.value, task, options)
     except ValueError as e:
-        raise UsageError(f"--algorithm={_ALGORITHM.value}: {e}") from None
+        raise UsageError(f"--algorithm={cfg.ALGORITHM.value}: {e}") from None
 
 
 def _one_line(text: str) -> str:
