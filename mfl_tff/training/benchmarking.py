@@ -1,0 +1,487 @@
+"""Performance measurement: TFF's own FedAvg (the peer), the plain-TensorFlow floor, round timing,
+scaling fits and process memory. Used by `experiments/benchmark.py`; reads no flags.
+
+Three ways to run the same round on the same packed clients:
+
+* ours: an mfl_tff `LearningProcess` (`builders.build_algorithm`) fed what the training program
+  feeds it, `spec.client_values(task.train_clients(ids, round_num))`, packed before timing;
+* the peer: `tff.learning.algorithms.build_weighted_fed_avg` with the same FunctionalModel, fed
+  each client as a `tf.data.Dataset` of the same real batches (support, then query), as TFF users
+  do; one SGD step per batch, so its local steps equal our FedAvg's;
+* the floor (`TFFloor`): the same client math for all clients at once in one plain-TensorFlow
+  graph (`tf.vectorized_map` over the stacked clients, weighted mean, the server optimizer), with
+  no TFF runtime, executed by a `tf.compat.v1.Session`: the cost of the arithmetic itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import psutil
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from mfl_tff.algorithms import builders
+from mfl_tff.data import packing
+from mfl_tff.meta import gradients, hparams, inner_loop
+
+# Algorithms whose round `TFFloor` can express.
+FLOOR_ALGORITHMS = ("fedavg", "maml", "fomaml", "meta_sgd", "mfl")
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return collections.OrderedDict(
+        cpus=os.cpu_count(),
+        cpu_model=model,
+        gpus=len(tf.config.list_physical_devices("GPU")),
+        memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        tensorflow=tf.__version__,
+        tensorflow_federated=tff.__version__,
+        load_average=[round(x, 2) for x in os.getloadavg()],
+    )
+
+
+def summarize(seconds: Sequence[float]) -> collections.OrderedDict:
+    """Median, min and max of repeated timings (seconds)."""
+    if not seconds:
+        raise ValueError("No timings to summarize.")
+    return collections.OrderedDict(
+        median=float(statistics.median(seconds)),
+        min=float(min(seconds)),
+        max=float(max(seconds)),
+        n=len(seconds),
+    )
+
+
+def time_calls(fn: Callable[[int], Any], calls: int, *, start: int = 0) -> list[float]:
+    """Wall seconds of `fn(i)` for i = start .. start + calls - 1, one timing per call."""
+    times = []
+    for i in range(start, start + calls):
+        begin = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> collections.OrderedDict:
+    """Least-squares `y = fixed + per_unit * x` (e.g. round time against clients per round)."""
+    if len(xs) < 2 or len(set(xs)) < 2:
+        return collections.OrderedDict(fixed=None, per_unit=None)
+    per_unit, fixed = np.polyfit(np.asarray(xs, np.float64), np.asarray(ys, np.float64), 1)
+    return collections.OrderedDict(fixed=float(fixed), per_unit=float(per_unit))
+
+
+def growth_pct_per_100_rounds(
+    rounds: Sequence[int], values: Sequence[float], *, skip: int = 20
+) -> Optional[float]:
+    """Slope of `values` against `rounds` after round `skip`, per 100 rounds, in percent of the
+    value at the first sample after `skip` (None with fewer than two such samples)."""
+    points = [(r, v) for r, v in zip(rounds, values) if r >= skip]
+    if len(points) < 2:
+        return None
+    fit = linear_fit([r for r, _ in points], [v for _, v in points])
+    return 100.0 * fit["per_unit"] * 100.0 / points[0][1]
+
+
+def rss_mb(pid: Optional[int] = None) -> float:
+    """Resident memory of process `pid` (default: this one) in MiB."""
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Round data, packed before any timing.
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_rounds(task, clients_per_round: int, num_rounds: int) -> list[list]:
+    """The packed clients of rounds 1..num_rounds, sampled and split as the training program
+    does (`task.sample_train_ids`, `task.train_clients(ids, round_num)`)."""
+    return [
+        task.train_clients(task.sample_train_ids(clients_per_round, r), r)
+        for r in range(1, num_rounds + 1)
+    ]
+
+
+def client_dataset(client, epochs: int = 1) -> tf.data.Dataset:
+    """A packed client's real batches as a `tf.data.Dataset` (support, then query), `epochs`
+    times: what TFF's FedAvg iterates over to take the same steps as our FedAvg."""
+    dataset = packing.to_dataset(client["support"]).concatenate(packing.to_dataset(client["query"]))
+    return dataset.repeat(epochs) if epochs > 1 else dataset
+
+
+def real_batches(client) -> int:
+    """Non-empty batches of a packed client (support and query): the peer's local SGD steps."""
+    return int(sum(np.sum(np.sum(part["mask"], axis=1) > 0) for part in client.values()))
+
+
+def build_peer_fedavg(task, *, learning_rate: float) -> tff.learning.templates.LearningProcess:
+    """TFF's own FedAvg with the task's model, client SGD at `learning_rate`, server SGD 1.0."""
+    return tff.learning.algorithms.build_weighted_fed_avg(
+        task.model_fn(),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=learning_rate),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+    )
+
+
+class ProcessRunner:
+    """Runs a `LearningProcess` on round data prepared in advance, cycling through it.
+
+    Attributes:
+      build_s: Seconds spent building the process (tracing its computations), if given.
+      first_round_s: Seconds of `initialize()` plus the first `next` (TFF compiles on first use).
+    """
+
+    def __init__(self, process, round_values: Sequence, *, build_s: float = 0.0):
+        if not round_values:
+            raise ValueError("round_values is empty.")
+        self._process = process
+        self._values = list(round_values)
+        self.build_s = build_s
+        begin = time.perf_counter()
+        self._state = process.initialize()
+        self.run_round(0)
+        self.first_round_s = time.perf_counter() - begin
+
+    def run_round(self, i: int):
+        """Runs one round on the prepared data of round `i` (cycled); returns its metrics."""
+        output = self._process.next(self._state, self._values[i % len(self._values)])
+        self._state = output.state
+        return output.metrics
+
+    @property
+    def state(self):
+        return self._state
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain-TensorFlow floor.
+# ---------------------------------------------------------------------------------------------
+
+
+def _weighted_mean(values, weights):
+    total = tf.reduce_sum(weights)
+    return tf.nest.map_structure(
+        lambda v: tf.math.divide_no_nan(tf.tensordot(weights, v, axes=1), total), values
+    )
+
+
+class TFFloor:
+    """One round of algorithm `name` for all clients at once, in one plain-TensorFlow graph.
+
+    The clients of a round are stacked along a new axis and the per-client math (the same
+    `mfl_tff.meta` functions our client works call) runs under `tf.vectorized_map`; the updates
+    are averaged with the clients' weights and the same server optimizer steps the state, kept in
+    variables. No TFF runtime is involved: a `tf.compat.v1.Session` runs the graph (TFF's Keras
+    FunctionalModel only runs in a graph context). Skipped, because they are not arithmetic:
+    non-finite client rejection and metrics.
+    """
+
+    def __init__(self, name: str, task, options: builders.AlgorithmOptions, example_round):
+        if name not in FLOOR_ALGORITHMS:
+            raise ValueError(f"No floor for {name!r}; floors exist for {FLOOR_ALGORITHMS}.")
+        if name == "mfl" and options.adaptive_update != "meta":
+            raise ValueError("The mfl floor covers adaptive_update='meta' only.")
+        self.name = name
+        model = task.model_fn()
+        problem = task.problem
+        stacked = packing.stack_clients(example_round)
+        self._graph = tf.Graph()
+        with self._graph.as_default():
+            trainable = [tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
+            non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
+            shapes = [tuple(np.shape(w)) for w in model.initial_weights[0]]
+            self._data = tf.nest.map_structure(
+                lambda a: tf.compat.v1.placeholder(tf.as_dtype(a.dtype), (None,) + a.shape[1:]),
+                stacked,
+            )
+            variables = collections.OrderedDict(theta=trainable)
+            optimizers = collections.OrderedDict()
+            if name == "fedavg":
+                optimizers["theta"] = builders.build_optimizer(
+                    options.server_optimizer or "sgd",
+                    options.server_lr if options.server_lr is not None else 1.0,
+                )
+            elif name in ("maml", "fomaml", "meta_sgd"):
+                optimizers["theta"] = builders.build_optimizer(
+                    options.meta_optimizer, options.meta_lr
+                )
+            else:  # mfl with the `meta` adaptive update
+                optimizers["theta"] = builders.build_optimizer(
+                    options.server_optimizer or "adam",
+                    options.server_lr if options.server_lr is not None else 1e-3,
+                )
+            if name in ("meta_sgd", "mfl"):
+                granularity = "per_coordinate" if name == "meta_sgd" else options.alpha_granularity
+                alpha0 = hparams.initial_alpha(shapes, granularity, options.inner_lr)
+                variables["alpha"] = [tf.Variable(np.asarray(a, np.float32)) for a in alpha0]
+                optimizers["alpha"] = builders.build_optimizer(
+                    options.meta_optimizer, options.meta_lr
+                )
+            opt_states = collections.OrderedDict()
+            for key, optimizer in optimizers.items():
+                specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables[key])
+                initial = optimizer.initialize(specs)
+                opt_states[key] = tf.nest.map_structure(
+                    lambda t: tf.Variable(t), tf.nest.map_structure(tf.convert_to_tensor, initial)
+                )
+
+            def read(structure):
+                return tf.nest.map_structure(
+                    lambda v: v.read_value() if isinstance(v, tf.Variable) else v, structure
+                )
+
+            def step(key, value_grads):
+                new_state, new_values = optimizers[key].next(
+                    read(opt_states[key]), tuple(read(variables[key])), tuple(value_grads)
+                )
+                if key == "alpha" and name == "mfl":
+                    new_values = hparams.project_positive(new_values, 1e-6)
+                assigns = [v.assign(n) for v, n in zip(variables[key], new_values)]
+                assigns += [
+                    v.assign(n)
+                    for v, n in zip(tf.nest.flatten(opt_states[key]), tf.nest.flatten(new_state))
+                ]
+                return new_values, assigns
+
+            def round_fn(data):
+                theta = tuple(read(trainable))
+                weights = (theta, non_trainable)
+                if name == "fedavg":
+                    lr = tf.constant(options.inner_lr, tf.float32)
+
+                    def client(d):
+                        batches = inner_loop.concat_parts(d)
+                        trained = inner_loop.local_sgd(
+                            model, problem, weights, batches, lr, options.local_epochs
+                        )
+                        delta = [w - t for w, t in zip(theta, trained)]
+                        return delta, tf.reduce_sum(batches["mask"])
+
+                    deltas, counts = tf.vectorized_map(client, data, fallback_to_while_loop=True)
+                    _, assigns = step("theta", _weighted_mean(deltas, counts))
+                    return assigns
+                if name in ("maml", "fomaml", "meta_sgd"):
+                    if name == "meta_sgd":
+                        alpha = tuple(read(variables["alpha"]))
+                    else:
+                        alpha = (tf.constant(options.inner_lr, tf.float32),)
+
+                    def client(d):
+                        g_theta, g_alpha, *_ = gradients.meta_gradients(
+                            model,
+                            problem,
+                            weights,
+                            d,
+                            alpha,
+                            options.inner_steps,
+                            first_order=name == "fomaml",
+                        )
+                        out = [list(g_theta)]
+                        if name == "meta_sgd":
+                            out.append(list(g_alpha))
+                        return out, tf.reduce_sum(d["query"]["mask"])
+
+                    grads, counts = tf.vectorized_map(client, data, fallback_to_while_loop=True)
+                    mean = _weighted_mean(grads, counts)
+                    _, assigns = step("theta", mean[0])
+                    if name == "meta_sgd":
+                        assigns += step("alpha", mean[1])[1]
+                    return assigns
+                # mfl: phase 1 meta-gradient of alpha, alpha step; phase 2 theta with new alpha.
+                alpha = tuple(read(variables["alpha"]))
+
+                def phase(alpha_value, which):
+                    def client(d):
+                        g_theta, g_alpha, *_ = gradients.meta_gradients(
+                            model,
+                            problem,
+                            weights,
+                            d,
+                            alpha_value,
+                            options.inner_steps,
+                            first_order=options.first_order,
+                        )
+                        g = g_alpha if which == "alpha" else g_theta
+                        return list(g), tf.reduce_sum(d["query"]["mask"])
+
+                    grads, counts = tf.vectorized_map(client, data, fallback_to_while_loop=True)
+                    return _weighted_mean(grads, counts)
+
+                new_alpha, assigns = step("alpha", phase(alpha, "alpha"))
+                with tf.control_dependencies(assigns):
+                    assigns += step("theta", phase(tuple(new_alpha), "theta"))[1]
+                return assigns
+
+            def run(data):
+                assigns = round_fn(data)
+                with tf.control_dependencies(assigns):
+                    return tf.constant(0)
+
+            self._round = tf.function(run)(self._data)
+            self._variables = variables
+            init = tf.compat.v1.global_variables_initializer()
+        self._graph.finalize()
+        self._session = tf.compat.v1.Session(graph=self._graph)
+        self._session.run(init)
+
+    def feed(self, clients: Sequence) -> dict:
+        """Feed dict of one round's packed clients (stacked; data conversion is not timed)."""
+        stacked = packing.stack_clients(clients)
+        return dict(zip(tf.nest.flatten(self._data), tf.nest.flatten(stacked)))
+
+    def run_round(self, feed: dict) -> None:
+        """One round: every client's update, their weighted mean, the server step."""
+        self._session.run(self._round, feed)
+
+    def weights(self) -> list[np.ndarray]:
+        """Current trainable weights (theta)."""
+        return self._session.run(self._variables["theta"])
+
+    def close(self) -> None:
+        self._session.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+# ---------------------------------------------------------------------------------------------
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _x(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
+
+
+def targets(report: dict) -> list:
+    """The performance targets (README, issue 5) with the measured values of a benchmark report
+    (`experiments/benchmark.py`); they are meant for digits at 20 clients per round."""
+    rows = []
+    limits = dict(fedavg=0.2, mfl=0.4, maml=0.5, meta_sgd=0.5)
+    for name, limit in limits.items():
+        if name in report["algorithms"]:
+            value = report["algorithms"][name]["ratio_to_peer_fedavg"]
+            rows.append((f"{name} round / peer FedAvg round", value, limit))
+    if "fedavg" in report["algorithms"]:
+        rows.append(
+            ("fedavg round / TF floor", report["algorithms"]["fedavg"]["ratio_to_tf_floor"], 3.0)
+        )
+        slowest = max(r["first_round_s"] for r in report["algorithms"].values())
+        rows.append(("slowest time to first round (s)", slowest, 10.0))
+    for name, run in report["memory"].items():
+        for proc in ("driver", "worker"):
+            value = run[f"{proc}_growth_pct_per_100_rounds"]
+            rows.append((f"{name} {proc} memory growth % per 100 rounds", value, 2.0))
+    return [
+        collections.OrderedDict(
+            target=label, value=value, limit=limit, met=None if value is None else value <= limit
+        )
+        for label, value, limit in rows
+    ]
+
+
+def format_report(report: dict) -> str:
+    """A benchmark report as markdown tables: rounds, scaling, memory, targets."""
+    peer = report["peer_fedavg_round_time_s"]
+    lines = [
+        f"Task `{report['task']}` ({report['task_options']}), "
+        f"{report['clients_per_round']} clients per round, cohort {report['cohort_size']}, "
+        f"{report['peer_local_steps_per_client']:.2f} local steps per client (peer), "
+        f"inner steps {report['inner_steps']}; "
+        f"{report['machine']['cpus']} CPUs, {report['machine']['gpus']} GPUs.",
+        "",
+        "| algorithm | round ms (median) | min-max ms | x peer FedAvg | TF floor ms | x floor "
+        "| first round s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(label, entry):
+        t = entry["round_time_s"]
+        floor = entry.get("tf_floor_round_time_s")
+        floor_ms = _ms(floor["median"]) if isinstance(floor, dict) else _ms(floor)
+        lines.append(
+            f"| {label} | {_ms(t['median'])} | {_ms(t['min'])}-{_ms(t['max'])} | "
+            f"{_x(entry['ratio_to_peer_fedavg'])} | {floor_ms} | {_x(entry['ratio_to_tf_floor'])} "
+            f"| {entry['first_round_s']:.1f} |"
+        )
+
+    for name, entry in report["algorithms"].items():
+        row(name, entry)
+    for name, entry in report["unstacked"].items():
+        row(
+            f"{name} (no cohorts)",
+            dict(entry, tf_floor_round_time_s=report["tf_floor_round_time_s"]),
+        )
+    p = report["peer_fedavg"]
+    lines.append(
+        f"| TFF build_weighted_fed_avg (peer) | {_ms(peer)} | {_ms(p['round_time_s']['min'])}-"
+        f"{_ms(p['round_time_s']['max'])} | 1.00x | {_ms(report['tf_floor_round_time_s'])} | "
+        f"{_x(_ratio(peer, report['tf_floor_round_time_s']))} | {p['first_round_s']:.1f} |"
+    )
+    lines += [
+        "",
+        "| clients per round | ours fedavg ms | peer ms | TF floor ms | x peer | x floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in report["scaling"]:
+        lines.append(
+            f"| {s['clients_per_round']} | {_ms(s['round_time_s'])} | "
+            f"{_ms(s['peer_fedavg_round_time_s'])} | {_ms(s['tf_floor_round_time_s'])} | "
+            f"{_x(s['ratio_to_peer_fedavg'])} | {_x(s['ratio_to_tf_floor'])} |"
+        )
+    fits = report["scaling_fit_s"]
+    lines.append("")
+    lines.append(
+        "Fit, round time = fixed + per client x clients: "
+        + "; ".join(
+            f"{name} {_ms(f['fixed'])} ms + {_ms(f['per_unit'])} ms"
+            for name, f in fits.items()
+            if f["fixed"] is not None
+        )
+    )
+    lines += [
+        "",
+        "| memory run | rounds | driver MB first -> last | driver growth /100 rounds | "
+        "worker MB first -> last | worker growth /100 rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in report["memory"].items():
+        lines.append(
+            f"| {name} | {m['rounds'][-1]} | {m['driver'][0]:.0f} -> {m['driver'][-1]:.0f} | "
+            f"{_pct(m['driver_growth_pct_per_100_rounds'])} | {m['worker'][0]:.0f} -> "
+            f"{m['worker'][-1]:.0f} | {_pct(m['worker_growth_pct_per_100_rounds'])} |"
+        )
+    lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"| {t['target']} | {value} | {t['limit']:g} | {met} |")
+    return "\n".join(lines) + "\n"

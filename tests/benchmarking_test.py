@@ -1,0 +1,94 @@
+"""Tests of `mfl_tff.training.benchmarking`: the floor computes the same round as our processes,
+the peer's datasets take the same steps, and the statistics helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mfl_tff.algorithms import builders
+from mfl_tff.data import digits, packing
+from mfl_tff.training import benchmarking as bm
+
+CLIENTS = 3
+ROUNDS = 2
+TOLERANCE = 1e-5
+
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return digits.build_digits(num_train_clients=8, num_eval_clients=1, max_batches=2)
+
+
+@pytest.fixture(scope="module")
+def rounds(task):
+    return bm.pack_rounds(task, CLIENTS, ROUNDS)
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("fedavg", builders.AlgorithmOptions(inner_lr=0.1)),
+        # Both phases of the round, Adam on theta and on alpha, per-layer alpha.
+        ("mfl", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01)),
+    ],
+)
+def test_floor_round_equals_our_process(task, rounds, name, options):
+    floor = bm.TFFloor(name, task, options, rounds[0])
+    initial = floor.weights()
+    process, spec = builders.build_algorithm(
+        name, task, dataclasses.replace(options, cohort_size=CLIENTS)
+    )
+    state = process.initialize()
+    for clients in rounds:
+        floor.run_round(floor.feed(clients))
+        state = process.next(state, spec.client_values(clients)).state
+    ours = process.get_model_weights(state).trainable
+    assert _max_diff(floor.weights(), initial) > 1e-3  # it trained
+    assert _max_diff(floor.weights(), ours) <= TOLERANCE
+    floor.close()
+
+
+def test_floor_rejects_algorithms_it_cannot_express(task, rounds):
+    with pytest.raises(ValueError, match="reptile"):
+        bm.TFFloor("reptile", task, builders.AlgorithmOptions(), rounds[0])
+
+
+def test_peer_dataset_has_one_batch_per_real_packed_batch(rounds):
+    for client in rounds[0]:
+        batches = list(bm.client_dataset(client))
+        assert len(batches) == bm.real_batches(client)
+        assert sum(len(y) for _, y in batches) == packing.num_examples(client)
+        assert len(list(bm.client_dataset(client, epochs=2))) == 2 * len(batches)
+
+
+def test_pack_rounds_feeds_what_the_training_program_feeds(task, rounds):
+    ids = task.sample_train_ids(CLIENTS, 2)
+    expected = task.train_clients(ids, 2)
+    for got, want in zip(rounds[1], expected):
+        np.testing.assert_array_equal(got["support"]["x"], want["support"]["x"])
+
+
+def test_summarize_and_fits():
+    assert bm.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    with pytest.raises(ValueError):
+        bm.summarize([])
+    fit = bm.linear_fit([5, 10, 20], [0.02 + 0.001 * n for n in (5, 10, 20)])
+    assert fit["fixed"] == pytest.approx(0.02) and fit["per_unit"] == pytest.approx(0.001)
+    assert bm.linear_fit([4], [1.0]) == {"fixed": None, "per_unit": None}
+
+
+def test_growth_ignores_the_first_20_rounds():
+    rounds = [0, 10, 20, 30, 40, 120]
+    # Warm-up growth (500 -> 1000) is ignored; afterwards 1000 -> 1010 over 100 rounds: 1%.
+    values = [500.0, 800.0, 1000.0, 1001.0, 1002.0, 1010.0]
+    assert bm.growth_pct_per_100_rounds(rounds, values) == pytest.approx(1.0, rel=0.05)
+    assert bm.growth_pct_per_100_rounds([0, 10], [1.0, 2.0]) is None
