@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import builders, fedavg
+from mfl_tff.algorithms import aggregation, builders, fedavg
 from mfl_tff.data import sinusoid
 
 LEARNS_ALPHA = {"mfl", "meta_sgd"}
@@ -70,6 +70,35 @@ def test_every_algorithm_builds_for_sinusoid_and_runs_a_round(name, task, client
             assert a.dtype == np.float32
     else:
         assert len(alpha) == 1 and alpha[0] == np.float32(0.03) and np.shape(alpha[0]) == ()
+
+
+# tests/aggregation_test.py covers fedavg (composers, which maml, reptile and Per-FedAvg share)
+# and mfl (meta_composer) in depth; one more of each composition here.
+@pytest.mark.parametrize("name", ["maml", "meta_sgd"])
+def test_other_algorithms_run_a_round_with_dp_aggregation(name, task, clients):
+    """DP factories are unweighted; every builder must take them."""
+    aggregators = aggregation.build_aggregators(
+        "dp",
+        learns_alpha=name in builders.LEARNS_ALPHA,
+        noise_multiplier=0.5,
+        clip_norm=1.0,
+        clients_per_round=len(clients),
+    )
+    options = builders.AlgorithmOptions(
+        inner_lr=0.01,
+        inner_steps=1,
+        model_aggregator=aggregators.model,
+        meta_aggregator=aggregators.meta,
+    )
+    process, _ = builders.build_algorithm(name, task, options)
+    state = process.initialize()
+    output = process.next(state, clients)
+    for path, value in leaves(output.metrics):
+        assert np.all(np.isfinite(value)), (path, value)
+    before = process.get_model_weights(state).trainable
+    after = process.get_model_weights(output.state).trainable
+    assert all(np.all(np.isfinite(w)) for w in after)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(after, before)) > 0.0
 
 
 def test_unknown_algorithm_lists_the_choices(task):
@@ -139,7 +168,7 @@ def test_keras_optimizer_is_a_type_error_pointing_at_tff_optimizers(task):
     assert "SGD" in str(error.value)  # names what was passed
 
 
-def test_unweighted_aggregator_is_a_type_error(task):
-    options = builders.AlgorithmOptions(model_aggregator=tff.aggregators.SumFactory())
+def test_aggregator_that_is_not_a_factory_instance_is_a_type_error(task):
+    options = builders.AlgorithmOptions(model_aggregator=tff.aggregators.MeanFactory)
     with pytest.raises(TypeError, match="WeightedAggregationFactory"):
         builders.build_algorithm("maml", task, options)

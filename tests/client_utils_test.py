@@ -140,10 +140,13 @@ def test_check_optimizer():
         client_utils.check_optimizer("opt", lambda: tff.learning.optimizers.build_adam(1e-3))
 
 
-def test_check_weighted_aggregator():
-    client_utils.check_weighted_aggregator("agg", tff.aggregators.MeanFactory())
-    with pytest.raises(TypeError, match=r"agg must be a tff\.aggregators\.Weighted.*SumFactory"):
-        client_utils.check_weighted_aggregator("agg", tff.aggregators.SumFactory())
+def test_check_aggregator_accepts_weighted_and_unweighted_factories():
+    client_utils.check_aggregator("agg", tff.aggregators.MeanFactory())
+    client_utils.check_aggregator("agg", tff.aggregators.SumFactory())
+    with pytest.raises(TypeError, match=r"agg must be a tff\.aggregators\.Weighted.*class MeanF"):
+        client_utils.check_aggregator("agg", tff.aggregators.MeanFactory)
+    with pytest.raises(TypeError, match=r"agg must be .*Unweighted.*str"):
+        client_utils.check_aggregator("agg", "mean")
 
 
 def test_check_positive_rate_accepts_numpy_float32():

@@ -183,6 +183,38 @@ def test_model_aggregator_is_the_one_given(model, clients):
     )
 
 
+def test_unweighted_aggregator_counts_every_client_the_same(model, clients):
+    """An unweighted factory is created with the value type only and called without weights,
+    as TFF's unweighted FedAvg does: the plain mean of n_i, not the weighted one."""
+    process = composers.compose_model_update_process(
+        model,
+        make_client_work(weights_type_of(model), data_type_of(clients[0])),
+        server_optimizer=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+        model_aggregator=tff.aggregators.UnweightedMeanFactory(),
+    )
+    output = process.next(process.initialize(), clients)
+    plain_mean = np.mean(np.asarray(SIZES, np.float64))
+    assert plain_mean != pytest.approx(np.sum(np.square(SIZES)) / np.sum(SIZES))
+    assert_weights(
+        process.get_model_weights(output.state).trainable,
+        [np.asarray(w, np.float64) - plain_mean for w in model.initial_weights[0]],
+    )
+
+
+def test_create_aggregator_always_takes_weights():
+    value_type = tff.types.to_type((np.float32, (2,)))
+    for factory in (tff.aggregators.MeanFactory(), tff.aggregators.SumFactory()):
+        process = composers.create_aggregator(factory, value_type)
+        assert process.is_weighted
+        output = process.next(
+            process.initialize(),
+            [np.array([1.0, 2.0], np.float32), np.array([3.0, 6.0], np.float32)],
+            [np.float32(1.0), np.float32(3.0)],
+        )
+        expected = [2.5, 5.0] if isinstance(factory, tff.aggregators.MeanFactory) else [4.0, 8.0]
+        np.testing.assert_allclose(output.result, expected)
+
+
 def test_initial_model_weights_computation(model):
     weights = composers.initial_model_weights_computation(model)()
     assert_weights(weights.trainable, model.initial_weights[0])
@@ -221,5 +253,5 @@ def test_bad_optimizer_or_aggregator_is_a_type_error(model, clients):
             model,
             work,
             server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
-            model_aggregator=tff.aggregators.SumFactory(),
+            model_aggregator=tff.aggregators.MeanFactory,
         )

@@ -189,7 +189,7 @@ def test_non_finite_client_is_rejected_not_averaged(process, tff_fedavg, clients
         (dict(local_epochs=0), ValueError, "local_epochs"),
         (dict(local_epochs=1.5), ValueError, "local_epochs"),
         (dict(server_optimizer=tf.keras.optimizers.SGD()), TypeError, "tff.learning.optimizers"),
-        (dict(model_aggregator=tff.aggregators.SumFactory()), TypeError, "Weighted"),
+        (dict(model_aggregator=tff.aggregators.MeanFactory), TypeError, "Weighted"),
     ],
 )
 def test_bad_options_raise_actionable_errors(task, options, error, message):

@@ -224,5 +224,5 @@ def test_wrong_optimizer_or_aggregator_kinds_are_type_errors(model):
         meta_composer.build_meta_process(**{**common, "meta_optimizer": tf.keras.optimizers.SGD()})
     with pytest.raises(TypeError, match=r"meta_aggregator must be a tff\.aggregators\.Weighted"):
         meta_composer.build_meta_process(
-            **{**common, "meta_aggregator": tff.aggregators.SumFactory()}
+            **{**common, "meta_aggregator": tff.aggregators.MeanFactory}
         )

@@ -147,7 +147,7 @@ def test_round_whose_clients_are_all_rejected_leaves_alpha_finite(process, clien
         (dict(initial_alpha=-0.1), ValueError, "alpha"),
         (dict(inner_steps=0), ValueError, "inner_steps"),
         (dict(meta_optimizer=tf.keras.optimizers.Adam()), TypeError, "tff.learning.optimizers"),
-        (dict(meta_aggregator=tff.aggregators.SumFactory()), TypeError, "Weighted"),
+        (dict(meta_aggregator=tff.aggregators.MeanFactory), TypeError, "Weighted"),
     ],
 )
 def test_bad_options_raise_actionable_errors(task, options, error, message):

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mfl_tff.algorithms import builders
+from mfl_tff.algorithms import aggregation, builders
 from mfl_tff.data import digits
-from mfl_tff.training import outputs, program
+from mfl_tff.training import outputs, privacy, program
 
 CLIENTS_PER_ROUND = 3
 INNER_LR = 0.4
@@ -266,6 +266,55 @@ def test_checkpoint_from_an_unfinished_save_is_ignored(tmp_path, uninterrupted, 
 # ---------------------------------------------------------------------------------------------
 # Small pieces.
 # ---------------------------------------------------------------------------------------------
+
+
+def test_dp_run_releases_epsilon_and_resumes_from_its_checkpoint(tmp_path, task):
+    """The DP aggregator's state holds string tensors (its DpEvent's class name), which load as
+    bytes; resuming must accept them. Epsilon is released every round and lands in the report."""
+    aggregators = aggregation.build_aggregators(
+        "dp",
+        learns_alpha=False,
+        noise_multiplier=1.0,
+        clip_norm="adaptive",
+        clients_per_round=CLIENTS_PER_ROUND,
+    )
+    process, spec = builders.build_algorithm(
+        "fedavg",
+        task,
+        builders.AlgorithmOptions(
+            inner_lr=INNER_LR, inner_steps=STEPS, model_aggregator=aggregators.model
+        ),
+    )
+    accountant = privacy.PrivacyAccountant.for_training(
+        noise_multiplier=1.0, clients_per_round=CLIENTS_PER_ROUND, num_train_clients=6
+    )
+    paths = outputs.OutputPaths(str(tmp_path), "dp")
+    program.run_training(process, spec, task, _config(2), paths, accountant=accountant)
+    start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
+    assert start_round == 2
+    lines = []
+    report = program.run_training(
+        process,
+        spec,
+        task,
+        _config(3),
+        paths,
+        start_round=start_round,
+        state=state,
+        log=lines.append,
+        accountant=accountant,
+    )
+    rows = _rows(paths.metrics_csv)
+    assert [float(r["privacy/epsilon"]) for r in rows] == pytest.approx(
+        [accountant.epsilon(r) for r in (1, 2, 3)]
+    )
+    assert all(float(r["privacy/delta"]) == pytest.approx(1 / 6) for r in rows)
+    assert report["privacy"] == accountant.report(3)
+    with open(paths.personalization_json) as f:
+        assert json.load(f)["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(3))
+    assert f"epsilon {accountant.epsilon(3):.3g}" in lines[-1]
+    weights = process.get_model_weights(program.load_checkpoint(paths.checkpoint_dir, process)[1])
+    assert all(np.all(np.isfinite(w)) for w in weights.trainable)
 
 
 def test_program_config_rejects_out_of_range_values():

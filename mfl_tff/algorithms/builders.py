@@ -29,6 +29,8 @@ ALGORITHMS = (
     "mfl",
 )
 OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
+# The algorithms that learn rates alpha next to the model (and aggregate alpha meta-gradients).
+LEARNS_ALPHA = ("meta_sgd", "mfl")
 
 
 def build_optimizer(name: str, learning_rate: float) -> tff.learning.optimizers.Optimizer:
@@ -62,9 +64,12 @@ class AlgorithmOptions:
         Reptile's epsilon), Per-FedAvg, and mfl's theta. None: the algorithm's default.
       outer_lr: Per-FedAvg's beta.
       alpha_granularity, adaptive_update, adaptive_data, first_order: mfl's options.
-      model_aggregator, meta_aggregator: Weighted `tff.aggregators` factories (None: mean).
+      model_aggregator, meta_aggregator: `tff.aggregators` factories, weighted or unweighted,
+        for the model updates and the alpha meta-gradients (None: weighted mean);
+        `mfl_tff.algorithms.aggregation.build_aggregators` makes the DP and robust ones.
       cohort_size: Clients stacked per federated client (`mfl_tff.algorithms.cohorts`); feed
-        the process `cohorts.make_cohorts(clients, cohort_size)`. None: one client each.
+        the process `cohorts.make_cohorts(clients, cohort_size)`. None: one client each. Only
+        with mean aggregation: any other aggregator would see cohorts, not clients.
     """
 
     inner_lr: float = 0.01
@@ -79,8 +84,8 @@ class AlgorithmOptions:
     adaptive_update: str = "meta"
     adaptive_data: str = "support"
     first_order: bool = False
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None
-    meta_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None
+    meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None
     cohort_size: Optional[int] = None
 
 
@@ -107,6 +112,21 @@ def _server_optimizer(options: AlgorithmOptions, default_name: str, default_lr: 
     )
 
 
+def _check_cohorts(options: AlgorithmOptions) -> None:
+    """Cohorts reduce their clients to one weighted mean before aggregation, which only a plain
+    weighted mean of the cohorts undoes; clipping, zeroing or noise would apply to cohorts."""
+    if options.cohort_size is None:
+        return
+    for name in ("model_aggregator", "meta_aggregator"):
+        factory = getattr(options, name)
+        if factory is not None and type(factory) is not tff.aggregators.MeanFactory:
+            raise ValueError(
+                f"cohort_size={options.cohort_size} stacks clients into one federated client, so "
+                f"{name} ({type(factory).__name__}) would clip, zero or weigh cohorts instead of "
+                "clients; use cohort_size=None with per-client (DP, robust) aggregators."
+            )
+
+
 def build_algorithm(
     name: str, task, options: Optional[AlgorithmOptions] = None
 ) -> tuple[tff.learning.templates.LearningProcess, AlgorithmSpec]:
@@ -118,6 +138,7 @@ def build_algorithm(
     if name not in ALGORITHMS:
         raise ValueError(f"Unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}.")
     options = options or AlgorithmOptions()
+    _check_cohorts(options)
     common = dict(problem=task.problem, cohort_size=options.cohort_size)
     args = (task.model_fn, task.client_data_type())
     meta_opt = build_optimizer(options.meta_optimizer, options.meta_lr)
@@ -190,7 +211,7 @@ def build_algorithm(
         )
     spec = AlgorithmSpec(
         name=name,
-        learns_alpha=name in ("mfl", "meta_sgd"),
+        learns_alpha=name in LEARNS_ALPHA,
         eval_steps=steps,
         cohort_size=options.cohort_size,
     )

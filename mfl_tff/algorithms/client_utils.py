@@ -50,20 +50,26 @@ def global_norm(structure) -> tf.Tensor:
 def client_output(update, weight, metrics) -> collections.OrderedDict:
     """A client's result, with a non-finite update rejected: zeroed and given weight 0.
 
-    Averaging in one NaN would poison the global model; TFF's own client works do the same.
+    Averaging in one NaN would poison the global model; TFF's own client works do the same. An
+    update of finite values whose L2 norm overflows float32 is rejected too: clipping it (DP,
+    robust aggregation) would turn it into NaN (`tf.clip_by_global_norm` of an infinite norm) and
+    void the whole round.
 
     Args:
       update: The structure the server aggregates (a model delta or a meta-gradient).
       weight: The client's aggregation weight (its number of examples).
       metrics: `OrderedDict` of scalar float metrics; averaged over accepted clients by weight.
     """
-    finite = tf.logical_and(all_finite(update), all_finite(metrics))
+    norm = global_norm(update)
+    finite = tf.logical_and(
+        tf.logical_and(all_finite(update), all_finite(metrics)), tf.math.is_finite(norm)
+    )
     weight = tf.cast(weight, tf.float32)
     update = tf.nest.map_structure(lambda u: tf.where(finite, u, tf.zeros_like(u)), update)
     metrics = collections.OrderedDict(
         (k, tf.where(finite, tf.cast(v, tf.float32), 0.0)) for k, v in metrics.items()
     )
-    metrics["update_norm"] = tf.where(finite, global_norm(update), 0.0)
+    metrics["update_norm"] = tf.where(finite, norm, 0.0)
     return collections.OrderedDict(
         update=update,
         update_weight=tf.where(finite, weight, 0.0),
@@ -77,16 +83,41 @@ def client_output(update, weight, metrics) -> collections.OrderedDict:
 
 def federated_client_metrics(out) -> tff.Value:
     """Server-side summary of `client_output`s mapped over CLIENTS: each metric averaged by
-    update weight (rejected clients count 0), plus example and client counts."""
-    metric_names = tff.structure.name_list(out.metrics.type_signature.member)
-    summary = collections.OrderedDict(
-        (name, tff.federated_mean(out.metrics[name], weight=out.update_weight))
-        for name in metric_names
-    )
-    summary["num_examples"] = tff.federated_sum(out.num_examples)
-    summary["num_clients"] = tff.federated_sum(out.num_clients)
-    summary["num_clients_rejected"] = tff.federated_sum(out.rejected)
-    return tff.federated_zip(summary)
+    update weight (rejected clients count 0), plus example and client counts.
+
+    Computed as one `federated_sum` of a structure (weighted metrics, weights, counts) and one
+    division at the server, not as a `federated_mean` or `federated_sum` per value: the TFF
+    runtime charges every intrinsic a fixed cost each round (README, "Performance").
+    """
+    member = out.type_signature.member
+    metric_names = tff.structure.name_list(member.metrics)
+
+    @tff.tensorflow.computation(member)
+    def weigh(client):
+        weight = client["update_weight"]
+        return collections.OrderedDict(
+            weighted=collections.OrderedDict(
+                (name, client["metrics"][name] * weight) for name in metric_names
+            ),
+            weight=weight,
+            num_examples=client["num_examples"],
+            num_clients=client["num_clients"],
+            num_clients_rejected=client["rejected"],
+        )
+
+    sums = tff.federated_sum(tff.federated_map(weigh, out))
+
+    @tff.tensorflow.computation(sums.type_signature.member)
+    def divide(total):
+        # A plain division, as `tff.federated_mean`'s: NaN when every weight is 0.
+        summary = collections.OrderedDict(
+            (name, total["weighted"][name] / total["weight"]) for name in metric_names
+        )
+        for name in ("num_examples", "num_clients", "num_clients_rejected"):
+            summary[name] = total[name]
+        return summary
+
+    return tff.federated_map(divide, sums)
 
 
 def build_client_computation(
@@ -181,12 +212,22 @@ def check_optimizer(name: str, optimizer) -> None:
         )
 
 
-def check_weighted_aggregator(name: str, factory) -> None:
-    """Raises TypeError unless `factory` is a weighted `tff.aggregators` factory."""
-    if not isinstance(factory, tff.aggregators.WeightedAggregationFactory):
+def check_aggregator(name: str, factory) -> None:
+    """Raises TypeError unless `factory` is a `tff.aggregators` factory, weighted or unweighted
+    (unweighted ones, such as `tff.aggregators.DifferentiallyPrivateFactory`, count every client
+    the same; see `mfl_tff.algorithms.composers.create_aggregator`)."""
+    kinds = (
+        tff.aggregators.WeightedAggregationFactory,
+        tff.aggregators.UnweightedAggregationFactory,
+    )
+    if not isinstance(factory, kinds):
+        what = (
+            f"the class {factory.__name__}" if isinstance(factory, type) else type(factory).__name__
+        )
         raise TypeError(
-            f"{name} must be a tff.aggregators.WeightedAggregationFactory (e.g. "
-            f"tff.aggregators.MeanFactory()), got {type(factory).__name__}."
+            f"{name} must be a tff.aggregators.WeightedAggregationFactory or "
+            "UnweightedAggregationFactory instance (e.g. tff.aggregators.MeanFactory()), got "
+            f"{what}."
         )
 
 

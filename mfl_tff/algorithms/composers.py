@@ -151,25 +151,49 @@ def initial_model_weights_computation(model) -> tff.Computation:
     return initial_model_weights_fn
 
 
+def create_aggregator(factory, value_type: tff.Type) -> tff.templates.AggregationProcess:
+    """`factory`'s aggregation process for `value_type`, always taking (state, value, weight).
+
+    A weighted factory is created for float32 weights. An unweighted one (for example
+    `tff.aggregators.DifferentiallyPrivateFactory`, or a `tff.learning.robust_aggregator(
+    weighted=False)`) is created with the value type only and called without the weights, as
+    TFF's unweighted FedAvg does: every client counts the same, and a client whose update was
+    rejected (`client_utils.client_output` zeroes it) counts as a zero update.
+    """
+    if isinstance(factory, tff.aggregators.WeightedAggregationFactory):
+        return factory.create(value_type, tff.TensorType(np.float32))
+    process = factory.create(value_type)
+
+    @tff.federated_computation(
+        process.initialize.type_signature.result,
+        tff.FederatedType(value_type, tff.CLIENTS),
+        tff.FederatedType(np.float32, tff.CLIENTS),
+    )
+    def next_fn(state, value, weight):
+        del weight  # Unweighted: every client counts the same.
+        return process.next(state, value)
+
+    return tff.templates.AggregationProcess(process.initialize, next_fn)
+
+
 def compose_model_update_process(
     model: tff.learning.models.FunctionalModel,
     client_work: tff.templates.MeasuredProcess,
     *,
     server_optimizer: tff.learning.optimizers.Optimizer,
-    model_aggregator: tff.aggregators.WeightedAggregationFactory,
+    model_aggregator: tff.aggregators.AggregationFactory,
 ) -> tff.learning.templates.LearningProcess:
     """The usual one-pass composition: broadcast the model, run `client_work`, aggregate its
-    updates with `model_aggregator`, and apply them with `server_optimizer` (TFF's finalizer)."""
+    updates with `model_aggregator` (a weighted or unweighted `tff.aggregators` factory, see
+    `create_aggregator`), and apply them with `server_optimizer` (TFF's finalizer)."""
     client_utils.check_optimizer("server_optimizer", server_optimizer)
-    client_utils.check_weighted_aggregator("model_aggregator", model_aggregator)
+    client_utils.check_aggregator("model_aggregator", model_aggregator)
     weights_type = client_utils.model_weights_type(model)
     return compose_packed_learning_process(
         initial_model_weights_fn=initial_model_weights_computation(model),
         model_weights_distributor=tff.learning.templates.build_broadcast_process(weights_type),
         client_work=client_work,
-        model_update_aggregator=model_aggregator.create(
-            weights_type.trainable, tff.TensorType(np.float32)
-        ),
+        model_update_aggregator=create_aggregator(model_aggregator, weights_type.trainable),
         model_finalizer=tff.learning.templates.build_apply_optimizer_finalizer(
             server_optimizer, weights_type
         ),

@@ -75,7 +75,7 @@ def build_fedavg(
     client_learning_rate: float = 0.1,
     local_epochs: int = 1,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds FedAvg over packed client data.
@@ -87,7 +87,7 @@ def build_fedavg(
       client_learning_rate: Step size of the clients' local SGD.
       local_epochs: Passes over each client's batches per round.
       server_optimizer: A `tff.learning.optimizers.Optimizer`; default SGD with rate 1.0 (FedAvg).
-      model_aggregator: A weighted `tff.aggregators` factory; default mean.
+      model_aggregator: A `tff.aggregators` factory, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:

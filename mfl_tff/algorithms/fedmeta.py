@@ -98,7 +98,7 @@ def build_maml(
     inner_lr: float = 0.01,
     inner_steps: int = 1,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Federated MAML with the exact second-order meta-gradient.
@@ -110,7 +110,7 @@ def build_maml(
       inner_lr: Inner-loop SGD step size (fixed, not learned).
       inner_steps: Inner steps K on the support set.
       meta_optimizer: Server optimizer on theta; default Adam(1e-3).
-      model_aggregator: Weighted aggregator of the meta-gradients; default mean.
+      model_aggregator: Aggregator of the meta-gradients, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:
@@ -137,7 +137,7 @@ def build_fomaml(
     inner_lr: float = 0.01,
     inner_steps: int = 1,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Federated first-order MAML: the meta-gradient is grad L_query(theta_K).
@@ -202,7 +202,7 @@ def build_reptile(
     inner_lr: float = 0.01,
     inner_steps: int = 5,
     outer_step_size: float = 1.0,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Federated Reptile: theta <- theta - epsilon * mean(theta - theta_K).
@@ -214,7 +214,7 @@ def build_reptile(
       inner_lr: Client SGD step size.
       inner_steps: SGD steps K per client (batches used in turn, support then query).
       outer_step_size: Reptile's epsilon: the server SGD step on the mean delta.
-      model_aggregator: Weighted aggregator of the deltas; default mean.
+      model_aggregator: Aggregator of the deltas, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:

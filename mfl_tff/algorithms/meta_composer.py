@@ -112,8 +112,8 @@ def build_meta_process(
     initial_alpha: tuple,
     round_fn: Callable,
     client_data_type: tff.Type,
-    model_aggregator: tff.aggregators.WeightedAggregationFactory,
-    meta_aggregator: tff.aggregators.WeightedAggregationFactory,
+    model_aggregator: tff.aggregators.AggregationFactory,
+    meta_aggregator: tff.aggregators.AggregationFactory,
     server_optimizer: tff.learning.optimizers.Optimizer,
     meta_optimizer: tff.learning.optimizers.Optimizer,
     min_alpha: Optional[float],
@@ -127,8 +127,9 @@ def build_meta_process(
         `tff.federated_computation`; `parts` is an OrderedDict of the built processes
         (distributor, model_aggregator, meta_aggregator, model_finalizer, meta_finalizer).
       client_data_type: TFF type of one packed client.
-      model_aggregator: Weighted factory for the model updates.
-      meta_aggregator: Weighted factory for the alpha meta-gradients.
+      model_aggregator: `tff.aggregators` factory for the model updates, weighted or unweighted
+        (`composers.create_aggregator`: either way its process takes (state, value, weight)).
+      meta_aggregator: `tff.aggregators` factory for the alpha meta-gradients, likewise.
       server_optimizer: Optimizer applied to theta.
       meta_optimizer: Optimizer applied to alpha.
       min_alpha: Lower bound projected onto after each alpha step (None: unconstrained).
@@ -140,15 +141,13 @@ def build_meta_process(
     for name, opt in (("server_optimizer", server_optimizer), ("meta_optimizer", meta_optimizer)):
         client_utils.check_optimizer(name, opt)
     for name, agg in (("model_aggregator", model_aggregator), ("meta_aggregator", meta_aggregator)):
-        client_utils.check_weighted_aggregator(name, agg)
+        client_utils.check_aggregator(name, agg)
     weights_type = client_utils.model_weights_type(model)
     alpha_type = alpha_type_of(initial_alpha)
     parts = collections.OrderedDict(
         distributor=tff.learning.templates.build_broadcast_process(weights_type),
-        model_aggregator=model_aggregator.create(
-            weights_type.trainable, tff.TensorType(np.float32)
-        ),
-        meta_aggregator=meta_aggregator.create(alpha_type, tff.TensorType(np.float32)),
+        model_aggregator=composers.create_aggregator(model_aggregator, weights_type.trainable),
+        meta_aggregator=composers.create_aggregator(meta_aggregator, alpha_type),
         model_finalizer=tff.learning.templates.build_apply_optimizer_finalizer(
             server_optimizer, weights_type
         ),

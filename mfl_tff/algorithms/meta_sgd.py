@@ -29,8 +29,8 @@ def build_meta_sgd(
     initial_alpha: float = 0.01,
     inner_steps: int = 1,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
-    meta_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
+    meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds federated Meta-SGD.
@@ -42,8 +42,9 @@ def build_meta_sgd(
       initial_alpha: Initial value of every rate.
       inner_steps: Inner steps K on the support set.
       meta_optimizer: Optimizer on theta and on alpha (separate states); default Adam(1e-3).
-      model_aggregator: Weighted factory for the theta meta-gradients; default mean.
-      meta_aggregator: Weighted factory for the alpha meta-gradients; default mean.
+      model_aggregator: Factory for the theta meta-gradients, weighted or unweighted (e.g.
+        `mfl_tff.algorithms.aggregation.build_aggregators`); default mean.
+      meta_aggregator: Factory for the alpha meta-gradients, likewise; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:

@@ -4,8 +4,9 @@ One round, as TFF computations (see DESIGN.md, "The MFL round"):
   1. broadcast theta and alpha;
   2. local update (clients): K inner steps on `support` with rates alpha, then the meta-gradient of
      the `query` loss w.r.t. alpha (exact through the inner loop, or first-order);
-  3. meta update (server): aggregate those (any weighted `tff.aggregators` factory), step a
-     `tff.learning.optimizers` meta-optimizer on alpha, project alpha onto [min_alpha, inf);
+  3. meta update (server): aggregate those (any `tff.aggregators` factory; DP and robust ones clip
+     each client's), step a `tff.learning.optimizers` meta-optimizer on alpha, project alpha onto
+     [min_alpha, inf);
   4. adaptive update (clients): broadcast the new alpha; each client either
      * `local`: runs E epochs of SGD with per-parameter steps alpha and returns its model delta
        (FedAvg-like; trains on `support` only by default, so the query examples that scored alpha
@@ -62,8 +63,8 @@ def build_mfl(
     min_alpha: float = 1e-6,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
-    meta_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
+    meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds the two-phase MFL learning process.
@@ -86,8 +87,9 @@ def build_mfl(
       min_alpha: Lower bound of alpha.
       meta_optimizer: Optimizer on alpha; default Adam(1e-3).
       server_optimizer: Optimizer on theta; default Adam(1e-3) for 'meta', SGD(1.0) for 'local'.
-      model_aggregator: Weighted factory for the adaptive updates; default mean.
-      meta_aggregator: Weighted factory for the alpha meta-gradients; default mean.
+      model_aggregator: Factory for the adaptive updates, weighted or unweighted (e.g.
+        `mfl_tff.algorithms.aggregation.build_aggregators`); default mean.
+      meta_aggregator: Factory for the alpha meta-gradients, likewise; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:

@@ -55,7 +55,7 @@ def build_per_fedavg(
     outer_lr: float = 0.01,
     local_steps: int = 5,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds Per-FedAvg (first-order 'fo' or Hessian-free 'hf').
@@ -69,7 +69,7 @@ def build_per_fedavg(
       outer_lr: beta, the local meta step size.
       local_steps: tau, local steps per round.
       server_optimizer: Applied to the mean delta; default SGD 1.0 (model averaging).
-      model_aggregator: Weighted aggregator of the deltas; default mean.
+      model_aggregator: Aggregator of the deltas, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
 
     Returns:

@@ -3,7 +3,9 @@
 Files (paths in `mfl_tff.training.outputs.OutputPaths`, DESIGN.md "Contracts"):
 
 * `ROOT/results/E/experiment.metrics.csv`: `tff.program.CSVFileReleaseManager`, key `round_num`,
-  one column per flattened metric, plus held-out personalization columns on evaluation rounds.
+  one column per flattened metric, plus held-out personalization columns on evaluation rounds,
+  `clients/{sampled,dropped,empty,rejected,zeroed}` (`client_counts`; a round that drops clients
+  also logs a `note:` line saying why) and, with a privacy accountant, `privacy/{epsilon,delta}`.
 * `ROOT/logdir/E/`: the same values through `tff.program.TensorBoardReleaseManager`.
 * `ROOT/checkpoints/E/program_state_R`: `(round_num, state)` after round R, through
   `tff.program.FileProgramStateManager`.
@@ -40,6 +42,7 @@ import tensorflow_federated as tff
 from mfl_tff.algorithms import builders
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.training import outputs, personalize
+from mfl_tff.training import privacy as privacy_lib
 
 LearningProcess = tff.learning.templates.LearningProcess
 T = TypeVar("T")
@@ -158,7 +161,13 @@ def load_checkpoint(checkpoint_dir: str, process: LearningProcess) -> tuple[int,
         raise CheckpointError(path, f"it cannot be read as this state ({text[:200]})") from None
     for spec, value in zip(tf.nest.flatten(expected), tf.nest.flatten(state)):
         value = np.asarray(value)
-        if tuple(value.shape) != tuple(spec.shape) or value.dtype != spec.dtype.as_numpy_dtype:
+        # String tensors (the DP aggregator's state names its DpEvent class) load as bytes.
+        dtype_ok = (
+            value.dtype.kind in "SUO"
+            if spec.dtype == tf.string
+            else value.dtype == spec.dtype.as_numpy_dtype
+        )
+        if tuple(value.shape) != tuple(spec.shape) or not dtype_ok:
             raise CheckpointError(
                 path,
                 f"it holds a {value.dtype.name}{list(value.shape)} tensor where this model has "
@@ -190,6 +199,50 @@ def _evaluation_summary(report: Mapping[str, Any]) -> collections.OrderedDict:
         after_adaptation=stats(report["after_adaptation"]),
         fine_tune_after_adaptation=stats(report["fine_tune"]["after_adaptation"]),
     )
+
+
+def client_counts(metrics: Mapping[str, Any], sampled: int) -> collections.OrderedDict:
+    """How many of a round's `sampled` clients were dropped, from its flattened metrics.
+
+    `empty`: clients without examples (not counted by the client work); `rejected`: clients whose
+    update or metrics were not finite (zeroed, weight 0; the most of any client pass); `zeroed`:
+    clients whose update a robust aggregator zeroed as too large (the most of any aggregator);
+    `dropped`: their sum.
+    """
+
+    def most(suffix):
+        values = [int(v) for k, v in metrics.items() if k.split("/")[-1] == suffix]
+        return max(values, default=0)
+
+    counted = [int(v) for k, v in metrics.items() if k.split("/")[-1] == "num_clients"]
+    empty = max(0, sampled - min(counted)) if counted else 0
+    rejected, zeroed = most("num_clients_rejected"), most("zeroed_count")
+    return collections.OrderedDict(
+        sampled=sampled,
+        dropped=empty + rejected + zeroed,
+        empty=empty,
+        rejected=rejected,
+        zeroed=zeroed,
+    )
+
+
+def dropped_line(round_num: int, counts: Mapping[str, int], metrics: Mapping[str, Any]) -> str:
+    """A log line for a round that dropped clients ('' if it dropped none)."""
+    if not counts["dropped"]:
+        return ""
+    line = (
+        f"note: round {round_num} dropped {counts['dropped']} of {counts['sampled']} clients "
+        f"({counts['empty']} without examples, {counts['rejected']} non-finite, "
+        f"{counts['zeroed']} zeroed as outliers)"
+    )
+    skipped = [
+        "model" if name.startswith("finalizer") else name.split("/")[0]
+        for name, value in metrics.items()
+        if name.split("/")[-1] == "update_non_finite" and int(value)
+    ]
+    if skipped:
+        line += f"; no finite aggregate, step skipped: {', '.join(skipped)}"
+    return line
 
 
 def headline(metrics: Mapping[str, Any]) -> str:
@@ -257,6 +310,7 @@ def run_training(
     start_round: int = 0,
     state: Optional[Any] = None,
     log: Callable[[str], None] = print,
+    accountant: Optional[privacy_lib.PrivacyAccountant] = None,
 ) -> dict:
     """Trains from `(start_round, state)` to `config.total_rounds`, then evaluates held-out clients.
 
@@ -275,6 +329,9 @@ def run_training(
       start_round: Round `state` was saved after (0: start from `process.initialize()`).
       state: The state to resume from (`load_checkpoint`), or None.
       log: Receives the progress lines.
+      accountant: With differentially private aggregation, its privacy accountant: each round
+        releases `privacy/epsilon` and `privacy/delta` so far, and the report gets a `privacy`
+        entry (`PrivacyAccountant.report`).
 
     Returns:
       The final personalization report (the `personalization.json` document).
@@ -310,6 +367,12 @@ def run_training(
         output = process.next(state, spec.client_values(task.train_clients(client_ids, round_num)))
         state = output.state
         released = collections.OrderedDict(output.metrics)
+        counts = client_counts(flat_metrics(output.metrics), len(client_ids))
+        released["clients"] = counts
+        epsilon = None
+        if accountant is not None:
+            epsilon = accountant.epsilon(round_num)
+            released["privacy"] = collections.OrderedDict(epsilon=epsilon, delta=accountant.delta)
         is_last = round_num == total
         if is_last or (config.rounds_per_eval and round_num % config.rounds_per_eval == 0):
             report = evaluate(process, state, spec, task, config, round_num)
@@ -321,6 +384,9 @@ def run_training(
         _run(metrics_manager.release(released, round_num))
         if is_last or round_num % config.rounds_per_checkpoint == 0:
             _run(checkpoints.save((round_num, state), round_num))
+        dropped = dropped_line(round_num, counts, flat_metrics(output.metrics))
+        if dropped:
+            log(dropped)
         now = time.monotonic()
         if first_round_done is None:
             first_round_done = now
@@ -335,6 +401,9 @@ def run_training(
                 f"{format_duration(eta) if eta is not None else '?'}  "
                 f"{headline(flat_metrics(output.metrics))}"
             )
+            if epsilon is not None:
+                line += f"  epsilon {epsilon:.3g}"
+
             if report is not None:
                 line += f"  | {evaluation_line(report)}"
             log(line.rstrip())
@@ -342,5 +411,7 @@ def run_training(
         # Nothing left to train (the checkpoint is at or past `total_rounds`): evaluate it.
         report = evaluate(process, state, spec, task, config, start_round)
         log(f"round {start_round}: already trained; {evaluation_line(report)}")
+    if accountant is not None:
+        report["privacy"] = accountant.report(report["rounds"])
     outputs.write_json(paths.personalization_json, report)
     return report

@@ -1,0 +1,276 @@
+"""Tests of `mfl_tff.algorithms.aggregation`: DP and robust factories inside real algorithms.
+
+Task: few-shot digits with every client holding the same number of examples, so the weighted
+mean equals the unweighted one (DP aggregation weighs every client the same). Server steps are
+SGD with rate 1 (and mfl's meta step on alpha too), so a round moves the model and alpha by
+exactly minus the aggregate, and each property below is a norm or a standard deviation of that
+move, computed here in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from mfl_tff.algorithms import aggregation, builders
+from mfl_tff.data import registry
+
+NUM_CLIENTS = 4
+CLIP = 0.05
+
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
+
+OPTIONS = dict(
+    inner_lr=0.4,
+    inner_steps=2,
+    meta_optimizer="sgd",
+    meta_lr=1.0,
+    server_optimizer="sgd",
+    server_lr=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return registry.get_task("digits_fewshot", num_train_clients=8, num_eval_clients=2)
+
+
+@pytest.fixture(scope="module")
+def clients(task):
+    clients = task.train_clients(task.train_data.client_ids[:NUM_CLIENTS], 1)
+    counts = {float(np.sum(c["support"]["mask"]) + np.sum(c["query"]["mask"])) for c in clients}
+    assert len(counts) == 1, "the clients must hold equal example counts"
+    return clients
+
+
+def _huge(client, scale=1e3):
+    """A client whose update is finite but far larger than the others'."""
+    client = tf.nest.map_structure(np.copy, client)
+    for part in ("support", "query"):
+        client[part]["x"] *= scale
+    return client
+
+
+def _empty(client):
+    client = tf.nest.map_structure(np.zeros_like, client)
+    return client
+
+
+_PROCESSES = {}
+
+
+def _process(task, algorithm, kind, **settings):
+    """Builds (once per configuration) `algorithm` with `kind` aggregators."""
+    key = (algorithm, kind, tuple(sorted(settings.items())))
+    if key not in _PROCESSES:
+        learns_alpha = algorithm in builders.LEARNS_ALPHA
+        if kind == "dp":
+            settings = dict(settings, clients_per_round=NUM_CLIENTS)
+        aggregators = aggregation.build_aggregators(kind, learns_alpha=learns_alpha, **settings)
+        options = builders.AlgorithmOptions(
+            **OPTIONS, model_aggregator=aggregators.model, meta_aggregator=aggregators.meta
+        )
+        _PROCESSES[key] = builders.build_algorithm(algorithm, task, options)[0]
+    return _PROCESSES[key]
+
+
+def _flat(values):
+    return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in values])
+
+
+def _round(process, clients):
+    """(theta move, alpha move or None, metrics) of one round from the initial state."""
+    state = process.initialize()
+    output = process.next(state, clients)
+    theta = _flat(process.get_model_weights(output.state).trainable) - _flat(
+        process.get_model_weights(state).trainable
+    )
+    alpha = None
+    if process.get_hparams is not None and "alpha" in process.get_hparams(state):
+        alpha = _flat(process.get_hparams(output.state)["alpha"]) - _flat(
+            process.get_hparams(state)["alpha"]
+        )
+    return theta, alpha, output
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories by name.
+
+
+def test_kinds_give_the_expected_factories():
+    mean = aggregation.build_aggregators("mean", learns_alpha=True)
+    assert isinstance(mean.model, tff.aggregators.MeanFactory) and not mean.per_client
+    assert aggregation.build_aggregators("mean", learns_alpha=False).meta is None
+    robust = aggregation.build_aggregators("robust", learns_alpha=True)
+    assert robust.per_client
+    assert isinstance(robust.model, tff.aggregators.WeightedAggregationFactory)
+    dp = aggregation.build_aggregators(
+        "dp", learns_alpha=True, noise_multiplier=1.0, clip_norm="adaptive", clients_per_round=10
+    )
+    assert dp.per_client
+    assert isinstance(dp.model, tff.aggregators.DifferentiallyPrivateFactory)
+    assert isinstance(dp.meta, tff.aggregators.DifferentiallyPrivateFactory)
+    # Two noised streams a round, by default each at sqrt(2) times the round's multiplier.
+    assert dp.model_noise_multiplier == pytest.approx(math.sqrt(2))
+    assert dp.meta_noise_multiplier == pytest.approx(math.sqrt(2))
+    uneven = aggregation.build_aggregators(
+        "dp",
+        learns_alpha=True,
+        noise_multiplier=1.0,
+        clip_norm=0.5,
+        clients_per_round=10,
+        meta_noise_share=0.2,
+    )
+    z_model, z_meta = uneven.model_noise_multiplier, uneven.meta_noise_multiplier
+    assert z_meta == pytest.approx(math.sqrt(5)) and z_model == pytest.approx(math.sqrt(1.25))
+    # Together they are one Gaussian mechanism at the round's multiplier.
+    assert (z_model**-2 + z_meta**-2) ** -0.5 == pytest.approx(1.0)
+    one = aggregation.build_aggregators(
+        "dp", learns_alpha=False, noise_multiplier=1.0, clip_norm=0.5, clients_per_round=10
+    )
+    assert one.meta is None and one.model_noise_multiplier == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kind, settings, message",
+    [
+        ("median", {}, "mean, dp, robust"),
+        ("dp", dict(clip_norm=1.0, clients_per_round=5), "needs noise_multiplier"),
+        ("dp", dict(noise_multiplier=1.0, clients_per_round=5), "needs clip_norm"),
+        ("dp", dict(noise_multiplier=-1.0, clip_norm=1.0, clients_per_round=5), ">= 0"),
+        ("dp", dict(noise_multiplier=1.0, clip_norm=0.0, clients_per_round=5), "clip_norm"),
+        ("dp", dict(noise_multiplier=1.0, clip_norm="auto", clients_per_round=5), "adaptive"),
+        ("dp", dict(noise_multiplier=1.0, clip_norm=1.0, clients_per_round=0), "clients_per"),
+        ("robust", dict(noise_multiplier=1.0), "only to the 'dp' aggregator"),
+        ("mean", dict(clip_norm=1.0), "only to the 'dp' aggregator"),
+        (
+            "dp",
+            dict(noise_multiplier=1.0, clip_norm=1.0, clients_per_round=5, meta_noise_share=1.0),
+            "meta_noise_share",
+        ),
+    ],
+)
+def test_bad_settings_are_value_errors(kind, settings, message):
+    with pytest.raises(ValueError, match=message):
+        aggregation.build_aggregators(kind, learns_alpha=True, **settings)
+
+
+def test_parse_clip_norm():
+    assert aggregation.parse_clip_norm("adaptive") == "adaptive"
+    assert aggregation.parse_clip_norm(" Adaptive ") == "adaptive"
+    assert aggregation.parse_clip_norm("0.25") == 0.25
+    assert aggregation.parse_clip_norm(2) == 2.0
+    for bad in ("-1", "nan", "inf", "", True, None):
+        with pytest.raises(ValueError, match="clip_norm"):
+            aggregation.parse_clip_norm(bad)
+
+
+def test_cohorts_are_refused_with_per_client_aggregators(task):
+    dp = aggregation.build_aggregators(
+        "dp", learns_alpha=False, noise_multiplier=1.0, clip_norm=1.0, clients_per_round=4
+    )
+    options = builders.AlgorithmOptions(model_aggregator=dp.model, cohort_size=4)
+    with pytest.raises(ValueError, match="cohort_size=None"):
+        builders.build_algorithm("fedavg", task, options)
+    robust = aggregation.build_aggregators("robust", learns_alpha=True)
+    options = builders.AlgorithmOptions(meta_aggregator=robust.meta, cohort_size=4)
+    with pytest.raises(ValueError, match="meta_aggregator"):
+        builders.build_algorithm("mfl", task, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# DP inside the algorithms.
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "mfl"])
+def test_dp_without_noise_and_with_a_large_clip_equals_the_mean(task, clients, algorithm):
+    mean_theta, mean_alpha, _ = _round(_process(task, algorithm, "mean"), clients)
+    dp = _process(task, algorithm, "dp", noise_multiplier=0.0, clip_norm=1e6)
+    dp_theta, dp_alpha, output = _round(dp, clients)
+    assert np.max(np.abs(mean_theta)) > 1e-3  # the round did move the model
+    np.testing.assert_allclose(dp_theta, mean_theta, rtol=0, atol=1e-6)
+    if algorithm == "mfl":
+        assert np.max(np.abs(mean_alpha)) > 1e-5
+        np.testing.assert_allclose(dp_alpha, mean_alpha, rtol=0, atol=1e-6)
+    rejected = [v for k, v in _leaves(output.metrics) if k.endswith("num_clients_rejected")]
+    assert rejected and all(r == 0 for r in rejected)
+
+
+def _leaves(metrics, prefix=""):
+    for key, value in metrics.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "mfl"])
+def test_clipping_bounds_what_one_huge_client_can_move(task, clients, algorithm):
+    """A client sending a huge update moves the model by at most clip / clients_per_round, while
+    the same client under the mean moves it by orders of magnitude more."""
+    # Large enough to need clipping, small enough that mfl's second-order meta-gradients stay
+    # finite (an update whose norm overflows is rejected outright: tests/faults_test.py).
+    with_huge = [_huge(clients[0], scale=1e3 if algorithm == "fedavg" else 10.0)] + clients[1:]
+    without = [_empty(clients[0])] + clients[1:]
+    dp = _process(task, algorithm, "dp", noise_multiplier=0.0, clip_norm=CLIP)
+    theta_huge, alpha_huge, _ = _round(dp, with_huge)
+    theta_without, alpha_without, _ = _round(dp, without)
+    bound = CLIP / NUM_CLIENTS
+    MEASURED[f"{algorithm} theta move, whole round"] = (float(np.linalg.norm(theta_huge)), CLIP)
+    # Every client is clipped to CLIP, so a whole round moves theta by at most CLIP.
+    assert np.linalg.norm(theta_huge) <= CLIP * (1 + 1e-5)
+    if algorithm == "fedavg":
+        share = np.linalg.norm(theta_huge - theta_without)
+    else:
+        # mfl's second phase already uses the new alpha, so theta's other clients differ too:
+        # the huge client's share is read on alpha, aggregated in the first phase.
+        share = np.linalg.norm(alpha_huge - alpha_without)
+    MEASURED[f"{algorithm} huge client's share"] = (float(share), bound)
+    # Clipped, not zeroed: its share is the whole clip over the expected clients.
+    assert bound * 0.99 <= share <= bound * (1 + 1e-4)
+    mean_huge, _, _ = _round(_process(task, algorithm, "mean"), with_huge)
+    mean_without, _, _ = _round(_process(task, algorithm, "mean"), without)
+    if algorithm == "fedavg":
+        unclipped = np.linalg.norm(mean_huge - mean_without)
+        MEASURED["fedavg huge client's share under the mean"] = (float(unclipped), bound)
+        assert unclipped > 100 * bound
+
+
+@pytest.mark.parametrize(
+    "algorithm, clip_norm",
+    [("fedavg", CLIP), ("mfl", CLIP), ("fedavg", "adaptive")],
+)
+def test_dp_noise_has_the_stated_standard_deviation(task, clients, algorithm, clip_norm):
+    """Empty clients send zero updates, so the round's move is the noise alone: per coordinate,
+    standard deviation noise * clip / clients_per_round, with the noise of each stream."""
+    z = 1.0
+    process = _process(task, algorithm, "dp", noise_multiplier=z, clip_norm=clip_norm)
+    theta, _, output = _round(process, [_empty(c) for c in clients])
+    streams = 2 if algorithm == "mfl" else 1
+    release = z * math.sqrt(streams)
+    if clip_norm == "adaptive":
+        # TFF's initial adaptive clip is 0.1. Its default clipped-count noise (0.05 per expected
+        # client = 0.2) is too small for this multiplier, so the module raises it to the release
+        # multiplier, and the value noise is then release / sqrt(1 - 1/4).
+        clip, value_noise = 0.1, release / math.sqrt(0.75)
+    else:
+        clip, value_noise = clip_norm, release
+    expected = value_noise * clip / NUM_CLIENTS
+    MEASURED[f"{algorithm} {clip_norm} noise std"] = (float(np.std(theta)), expected)
+    assert np.std(theta) == pytest.approx(expected, rel=0.05)
+    assert abs(np.mean(theta)) < 0.05 * expected
+    rejected = [v for k, v in _leaves(output.metrics) if k.endswith("num_clients_rejected")]
+    assert rejected and all(r == 0 for r in rejected)
+
+
+MEASURED: dict = {}
+
+
+def test_report_measured_values():
+    """Prints what the tests above measured (pytest -s), for the record."""
+    for name, (got, reference) in MEASURED.items():
+        print(f"{name}: {got:.6g} (reference {reference:.6g})")

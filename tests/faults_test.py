@@ -1,0 +1,231 @@
+"""Faulty clients: NaN or Inf data, no data, an update that explodes, a round where every client
+fails, and a finite outlier. For fedavg and mfl with the mean and the robust aggregator (and DP
+for the first and the fourth): the round completes (or its step is skipped), the global model and
+alpha stay finite, and the metrics count the dropped clients. The training program logs why.
+
+A rejected client has weight 0, so under a weighted aggregator the round must equal the same
+round without that client; that is checked to 1e-6.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mfl_tff.algorithms import aggregation, builders
+from mfl_tff.data import registry
+from mfl_tff.training import outputs, program
+
+NUM_CLIENTS = 4
+FAULTS = ("nan_data", "inf_data", "empty", "exploding_update", "all_fail")
+
+pytestmark = pytest.mark.usefixtures("tff_local_execution")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return registry.get_task("digits_fewshot", num_train_clients=8, num_eval_clients=2)
+
+
+@pytest.fixture(scope="module")
+def clients(task):
+    return task.train_clients(task.train_data.client_ids[:NUM_CLIENTS], 1)
+
+
+def _copy(client):
+    return tf.nest.map_structure(np.copy, client)
+
+
+def faulty(fault: str, client, outlier_scale: float = 1e3):
+    """`client` with `fault`."""
+    client = _copy(client)
+    if fault in ("nan_data", "all_fail"):
+        client["support"]["x"][0, 3, 2, 2] = np.nan
+    elif fault == "inf_data":
+        client["query"]["x"][1, 0, 4, 4] = -np.inf
+    elif fault == "empty":
+        client = tf.nest.map_structure(np.zeros_like, client)
+    elif fault == "exploding_update":
+        # Finite data whose update overflows float32 (or whose norm does).
+        for part in ("support", "query"):
+            client[part]["x"] *= np.float32(1e30)
+    elif fault == "outlier":
+        for part in ("support", "query"):
+            client[part]["x"] *= np.float32(outlier_scale)
+    else:
+        raise ValueError(fault)
+    return client
+
+
+_PROCESSES = {}
+
+
+def build(task, algorithm, kind):
+    if (algorithm, kind) not in _PROCESSES:
+        settings = {}
+        if kind == "dp":
+            settings = dict(noise_multiplier=1.0, clip_norm=0.1, clients_per_round=NUM_CLIENTS)
+        aggregators = aggregation.build_aggregators(
+            kind, learns_alpha=algorithm in builders.LEARNS_ALPHA, **settings
+        )
+        options = builders.AlgorithmOptions(
+            inner_lr=0.4,
+            inner_steps=2,
+            meta_optimizer="sgd",
+            meta_lr=0.1,
+            server_optimizer="sgd",
+            server_lr=1.0,
+            model_aggregator=aggregators.model,
+            meta_aggregator=aggregators.meta,
+        )
+        _PROCESSES[(algorithm, kind)] = builders.build_algorithm(algorithm, task, options)[0]
+    return _PROCESSES[(algorithm, kind)]
+
+
+def flat_values(process, state):
+    values = list(process.get_model_weights(state).trainable)
+    if "alpha" in process.get_hparams(state):
+        values += list(process.get_hparams(state)["alpha"])
+    return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in values])
+
+
+def run(process, clients):
+    """(move of theta and alpha, flattened metrics) of one round from the initial state."""
+    state = process.initialize()
+    output = process.next(state, clients)
+    move = flat_values(process, output.state) - flat_values(process, state)
+    return move, program.flat_metrics(output.metrics)
+
+
+def ending(metrics, suffix):
+    return [int(v) for k, v in metrics.items() if k.split("/")[-1] == suffix]
+
+
+CASES = [
+    (algorithm, kind, fault)
+    for algorithm in ("fedavg", "mfl")
+    for kind in ("mean", "robust")
+    for fault in FAULTS
+] + [
+    (algorithm, "dp", fault)
+    for algorithm in ("fedavg", "mfl")
+    for fault in ("nan_data", "all_fail")
+]
+
+
+@pytest.mark.parametrize("algorithm, kind, fault", CASES)
+def test_fault_is_dropped_and_the_model_stays_finite(task, clients, algorithm, kind, fault):
+    process = build(task, algorithm, kind)
+    if fault == "all_fail":
+        round_clients = [faulty(fault, c) for c in clients]
+    else:
+        round_clients = [faulty(fault, clients[0])] + clients[1:]
+    move, metrics = run(process, round_clients)
+    assert np.all(np.isfinite(move)), metrics
+
+    counts = program.client_counts(metrics, NUM_CLIENTS)
+    expected_dropped = {"all_fail": NUM_CLIENTS}.get(fault, 1)
+    assert counts["dropped"] == expected_dropped, counts
+    if fault == "empty":
+        assert counts["empty"] == 1 and counts["rejected"] == 0
+        assert ending(metrics, "num_clients") == [NUM_CLIENTS - 1] * len(
+            ending(metrics, "num_clients")
+        )
+    else:
+        # Every client pass (mfl has two) rejected the same clients.
+        assert set(ending(metrics, "num_clients_rejected")) == {expected_dropped}, metrics
+
+    skipped = ending(metrics, "update_non_finite")
+    if fault == "all_fail" and kind != "dp":
+        # 0/0 aggregates: TFF's finalizer (and ours for alpha) skip the step; nothing moves.
+        assert skipped and all(s == 1 for s in skipped), metrics
+        assert np.all(move == 0.0)
+        return
+    assert all(s == 0 for s in skipped), metrics
+    if kind == "dp":
+        return  # Noise differs from run to run; finiteness and the counts are the contract.
+    # The faulty client had weight 0: the round is the round of the other clients.
+    reference, _ = run(process, clients[1:])
+    np.testing.assert_allclose(move, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "mfl"])
+def test_robust_aggregation_zeroes_a_finite_outlier_that_the_mean_lets_through(
+    task, clients, algorithm
+):
+    # Large, but small enough that mfl's second-order meta-gradients stay finite.
+    scale = 1e3 if algorithm == "fedavg" else 10.0
+    outlier = [faulty("outlier", clients[0], scale)] + clients[1:]
+    clean, _ = run(build(task, algorithm, "robust"), clients[1:])
+    robust, metrics = run(build(task, algorithm, "robust"), outlier)
+    assert sum(ending(metrics, "zeroed_count")) >= 1, metrics
+    assert program.client_counts(metrics, NUM_CLIENTS)["zeroed"] >= 1
+    # Zeroed, the outlier adds nothing (its weight still divides, so the move is at most the
+    # clean round's).
+    assert np.linalg.norm(robust) <= np.linalg.norm(clean) * 1.01
+    mean, _ = run(build(task, algorithm, "mean"), outlier)
+    assert np.all(np.isfinite(mean))
+    assert np.linalg.norm(mean) > 5 * np.linalg.norm(clean)
+
+
+def test_program_logs_dropped_clients_and_skipped_steps(task, clients, tmp_path, monkeypatch):
+    """Round 1: one NaN client; round 2: every client fails. The CSV counts them and the log
+    says why."""
+    process = build(task, "fedavg", "robust")
+    spec = builders.AlgorithmSpec(name="fedavg", learns_alpha=False, eval_steps=2)
+
+    def train_clients(ids, round_num=None):
+        packed = [_copy(c) for c in clients[: len(ids)]]
+        if round_num == 1:
+            return [faulty("nan_data", packed[0])] + packed[1:]
+        return [faulty("all_fail", c) for c in packed]
+
+    monkeypatch.setattr(task, "train_clients", train_clients)
+    config = program.ProgramConfig(
+        total_rounds=2,
+        clients_per_round=NUM_CLIENTS,
+        fine_tune_lr=0.4,
+        eval_adaptation_steps=2,
+        num_eval_clients=2,
+    )
+    paths = outputs.OutputPaths(str(tmp_path), "faults")
+    lines = []
+    program.run_training(process, spec, task, config, paths, log=lines.append)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == [
+        f"note: round 1 dropped 1 of {NUM_CLIENTS} clients (0 without examples, 1 non-finite, "
+        "0 zeroed as outliers)",
+        f"note: round 2 dropped {NUM_CLIENTS} of {NUM_CLIENTS} clients (0 without examples, "
+        f"{NUM_CLIENTS} non-finite, 0 zeroed as outliers); no finite aggregate, step skipped: "
+        "model",
+    ], lines
+    with open(paths.metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["clients/dropped"]) for r in rows] == [1, NUM_CLIENTS]
+    assert [int(r["clients/sampled"]) for r in rows] == [NUM_CLIENTS, NUM_CLIENTS]
+    assert [int(r["finalizer/update_non_finite"]) for r in rows] == [0, 1]
+
+
+def test_client_counts_from_metric_names():
+    metrics = collections.OrderedDict(
+        [
+            ("meta_client_work/num_clients", 9),
+            ("meta_client_work/num_clients_rejected", 2),
+            ("adaptive_client_work/num_clients", 9),
+            ("adaptive_client_work/num_clients_rejected", 3),
+            ("model_aggregator/zeroed_count", 1),
+            ("model_aggregator/zeroing/clipped_count", 4),
+        ]
+    )
+    counts = program.client_counts(metrics, 10)
+    assert dict(counts) == dict(sampled=10, dropped=5, empty=1, rejected=3, zeroed=1)
+    assert program.dropped_line(7, counts, {"meta_update/update_non_finite": 1}) == (
+        "note: round 7 dropped 5 of 10 clients (1 without examples, 3 non-finite, 1 zeroed as "
+        "outliers); no finite aggregate, step skipped: meta_update"
+    )
+    clean = program.client_counts({"client_work/num_clients": 4}, 4)
+    assert clean["dropped"] == 0 and program.dropped_line(1, clean, {}) == ""
