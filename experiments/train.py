@@ -29,10 +29,12 @@ naming the flag or file and the fix, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 from absl import app, flags, logging
 
@@ -62,16 +64,18 @@ if __name__ == "__main__" and not _verbose_requested(sys.argv):
 import tensorflow as tf  # noqa: E402
 
 from experiments import train_flags as cfg  # noqa: E402
-from mfl_tff.algorithms import builders, mfl  # noqa: E402
+from mfl_tff.algorithms import aggregation, builders, mfl  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
 from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
-from mfl_tff.training import outputs, program, runtime  # noqa: E402
+from mfl_tff.training import outputs, privacy, program, runtime  # noqa: E402
 
 # --helpshort lists the flags of train_flags as this binary's own.
 flags.adopt_module_key_flags(cfg)
 
 EXIT_BAD_INPUT = 2
+# The worker died or stopped answering mid-run (checkpoints are intact; rerunning resumes).
+EXIT_WORKER_LOST = 3
 # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C.
 EXIT_INTERRUPTED = 130
 
@@ -139,6 +143,7 @@ def _check_flags() -> None:
         f"--execution={cfg.EXECUTION.value!r} is not supported; choose one of: "
         f"{', '.join(cfg.EXECUTIONS)}.",
     )
+    _check_execution_flags()
     _require(cfg.SEED.value >= 0, f"--seed must be >= 0, got {cfg.SEED.value}.")
     _require(bool(cfg.ROOT_OUTPUT_DIR.value), "--root_output_dir must not be empty.")
     name = _experiment_name()
@@ -163,6 +168,111 @@ def _check_choices() -> None:
             value in allowed or (holder is cfg.SERVER_OPTIMIZER and not value),
             f"--{holder.name}={value!r} is unknown; choose one of: {', '.join(allowed)}.",
         )
+
+
+def _check_aggregator_flags() -> None:
+    """Checks --aggregator's own flags: dp's noise, clip and delta, and cohorts off per client."""
+    kind = cfg.AGGREGATOR.value
+    if kind != "dp":
+        for name in cfg.DP_FLAGS:
+            _require(
+                flags.FLAGS[name].value is None,
+                f"--{name} applies only with --aggregator=dp; drop it or pass --aggregator=dp.",
+            )
+    else:
+        noise = cfg.NOISE_MULTIPLIER.value
+        _require(
+            noise is not None,
+            "--aggregator=dp needs --noise_multiplier (> 0, e.g. --noise_multiplier=1.0).",
+        )
+        _require(
+            math.isfinite(noise) and noise > 0,
+            f"--noise_multiplier must be a number > 0 with --aggregator=dp (without noise epsilon "
+            f"is infinite), got {noise}.",
+        )
+        if cfg.CLIP_NORM.value is not None:
+            try:
+                aggregation.parse_clip_norm(cfg.CLIP_NORM.value)
+            except ValueError:
+                raise UsageError(
+                    f"--clip_norm={cfg.CLIP_NORM.value!r} must be a number > 0 or 'adaptive'."
+                ) from None
+        delta = cfg.DP_DELTA.value
+        _require(delta is None or 0 < delta < 1, f"--dp_delta must be in (0, 1), got {delta}.")
+    if kind in ("dp", "robust") and flags.FLAGS["cohort_size"].present:
+        _require(
+            cfg.COHORT_SIZE.value == 0,
+            f"--cohort_size={cfg.COHORT_SIZE.value} stacks clients into one federated client, but "
+            f"--aggregator={kind} must clip each client alone; drop --cohort_size or pass "
+            "--cohort_size=0.",
+        )
+
+
+def _privacy_accountant(num_train: int) -> Optional[privacy.PrivacyAccountant]:
+    """The run's privacy accountant with --aggregator=dp (None otherwise)."""
+    if cfg.AGGREGATOR.value != "dp":
+        return None
+    try:
+        return privacy.PrivacyAccountant.for_training(
+            noise_multiplier=cfg.NOISE_MULTIPLIER.value,
+            clients_per_round=cfg.CLIENTS_PER_ROUND.value,
+            num_train_clients=num_train,
+            delta=cfg.DP_DELTA.value,
+        )
+    except ValueError as e:
+        raise UsageError(f"--aggregator=dp: {e}") from None
+
+
+def _check_execution_flags() -> None:
+    if cfg.EXECUTION.value != "remote":
+        _require(
+            not flags.FLAGS["worker"].present,
+            "--worker is only used with --execution=remote; add --execution=remote or drop "
+            "--worker.",
+        )
+        return
+    _require(
+        bool(cfg.WORKER.value),
+        "--execution=remote needs --worker=HOST:PORT, the address of a running TFF worker_binary.",
+    )
+    try:
+        runtime.check_target(cfg.WORKER.value)
+    except ValueError:
+        raise UsageError(
+            f"--worker={cfg.WORKER.value!r} must be HOST:PORT, e.g. --worker=10.0.0.7:8000."
+        ) from None
+    _require(
+        cfg.WORKER_TIMEOUT.value > 0,
+        f"--worker_timeout must be > 0 seconds, got {cfg.WORKER_TIMEOUT.value}.",
+    )
+
+
+def _connect_remote_worker() -> None:
+    """With --execution=remote, fails before anything is written if no worker answers."""
+    if cfg.EXECUTION.value != "remote":
+        return
+    try:
+        runtime.wait_for_worker(cfg.WORKER.value, cfg.WORKER_TIMEOUT.value)
+    except ConnectionError:
+        port = cfg.WORKER.value.rpartition(":")[2]
+        raise UsageError(
+            f"--worker={cfg.WORKER.value}: no TFF worker answered within "
+            f"{cfg.WORKER_TIMEOUT.value:g} s; start one on that host (worker_binary "
+            f"--port={port}, see the README's 'Running on a remote worker') or fix --worker."
+        ) from None
+
+
+@contextlib.contextmanager
+def _execution(paths: outputs.OutputPaths) -> Iterator[None]:
+    """TFF's execution context for the run: a worker started here, or the one at --worker."""
+    if cfg.EXECUTION.value == "remote":
+        with runtime.remote_execution(cfg.WORKER.value, timeout_s=cfg.WORKER_TIMEOUT.value):
+            print(f"TFF worker at {cfg.WORKER.value} (remote)", flush=True)
+            yield
+        return
+    with runtime.local_execution(log_path=paths.worker_log) as worker:
+        print(f"TFF worker_binary pid {worker.pid}, log {paths.worker_log}", flush=True)
+        yield
 
 
 def _experiment_name() -> str:
@@ -197,6 +307,7 @@ def _train() -> None:
         f"{', '.join(builders.ALGORITHMS)}.",
     )
     _check_choices()
+    _check_aggregator_flags()
     paths = outputs.OutputPaths(cfg.ROOT_OUTPUT_DIR.value, _experiment_name())
     try:
         outputs.check_output_dirs(paths)
@@ -224,6 +335,7 @@ def _train() -> None:
         f"clients of --task={cfg.TASK.value}; lower --clients_per_round or raise "
         "--num_train_clients.",
     )
+    accountant = _privacy_accountant(num_train)
     process, spec = _build_algorithm(task)
     try:
         start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
@@ -236,6 +348,7 @@ def _train() -> None:
         raise UsageError(
             f"{e}; rerun with {written_with}, or pass a new --experiment_name."
         ) from None
+    _connect_remote_worker()
 
     # Everything is checked: from here on, files are written.
     held_out = len(task.eval_data.client_ids)
@@ -257,11 +370,18 @@ def _train() -> None:
         f"clients evaluated; output {paths.results_dir}",
         flush=True,
     )
+    if accountant is not None:
+        print(
+            f"Differential privacy: noise multiplier {accountant.noise_multiplier:g}, sampling "
+            f"rate {accountant.sampling_rate:.4g}, delta {accountant.delta:.3g}: epsilon "
+            f"{accountant.epsilon(cfg.TOTAL_ROUNDS.value):.4g} after {cfg.TOTAL_ROUNDS.value} "
+            f"rounds ({privacy.ACCOUNTANT})",
+            flush=True,
+        )
     if state is not None:
         print(f"Resuming after round {start_round} from {paths.checkpoint_dir}", flush=True)
     try:
-        with runtime.local_execution(log_path=paths.worker_log) as worker:
-            print(f"TFF worker_binary pid {worker.pid}, log {paths.worker_log}", flush=True)
+        with _execution(paths):
             report = program.run_training(
                 process,
                 spec,
@@ -271,16 +391,24 @@ def _train() -> None:
                 start_round=start_round,
                 state=state,
                 log=lambda line: print(line, flush=True),
+                accountant=accountant,
             )
     except KeyboardInterrupt:
-        saved = program.checkpoint_rounds(paths.checkpoint_dir)
-        where = f"round {saved[-1]}" if saved else "the start"
         print(
-            f"Interrupted; rerun the same command to resume from {where}.",
+            f"Interrupted; rerun the same command to resume from {_resume_point(paths)}.",
             file=sys.stderr,
             flush=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+    except (ConnectionError, runtime.WorkerExitedError) as e:
+        # The worker died or the network dropped mid-run: the saved rounds are intact.
+        print(
+            f"The TFF worker was lost ({_one_line(str(e))}); once it runs again, rerun the same "
+            f"command to resume from {_resume_point(paths)}.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_WORKER_LOST)
     after = report["after_adaptation"]
     print(
         f"Done: {report['metric']} on {report['num_clients']} held-out clients "
@@ -288,6 +416,11 @@ def _train() -> None:
         f"(p10 {after['p10']:.4f}); {paths.personalization_json}",
         flush=True,
     )
+
+
+def _resume_point(paths: outputs.OutputPaths) -> str:
+    saved = program.checkpoint_rounds(paths.checkpoint_dir)
+    return f"round {saved[-1]}" if saved else "the start"
 
 
 def _build_task() -> FederatedTask:
@@ -320,6 +453,18 @@ def _build_algorithm(
 ) -> tuple[program.LearningProcess, builders.AlgorithmSpec]:
     """The process and spec from the algorithm flags; option errors become usage errors."""
     clients = cfg.CLIENTS_PER_ROUND.value
+    kind = cfg.AGGREGATOR.value
+    dp = kind == "dp"
+    try:
+        aggregators = aggregation.build_aggregators(
+            kind,
+            learns_alpha=cfg.ALGORITHM.value in builders.LEARNS_ALPHA,
+            noise_multiplier=cfg.NOISE_MULTIPLIER.value if dp else None,
+            clip_norm=(cfg.CLIP_NORM.value or aggregation.ADAPTIVE) if dp else None,
+            clients_per_round=clients if dp else None,
+        )
+    except ValueError as e:
+        raise UsageError(f"--aggregator={kind}: {e}") from None
     options = builders.AlgorithmOptions(
         inner_lr=cfg.INNER_LR.value,
         inner_steps=cfg.INNER_STEPS.value,
@@ -333,11 +478,11 @@ def _build_algorithm(
         adaptive_update=cfg.ADAPTIVE_UPDATE.value,
         adaptive_data=cfg.ADAPTIVE_DATA.value,
         first_order=cfg.FIRST_ORDER.value,
-        # 'mean' is the builders' default (None); other aggregators come with the privacy work.
-        model_aggregator=None,
-        meta_aggregator=None,
-        # A cohort larger than a round only adds empty padding clients.
-        cohort_size=min(cfg.COHORT_SIZE.value, clients) or None,
+        model_aggregator=aggregators.model,
+        meta_aggregator=aggregators.meta,
+        # A cohort larger than a round only adds empty padding clients. Per-client aggregators
+        # (dp, robust) must see clients, not cohorts.
+        cohort_size=None if aggregators.per_client else min(cfg.COHORT_SIZE.value, clients) or None,
     )
     try:
         return builders.build_algorithm(cfg.ALGORITHM.value, task, options)

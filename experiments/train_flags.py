@@ -75,7 +75,33 @@ SERVER_LR = flags.DEFINE_float(
     "(1.0 for sgd, 1e-3 for mfl's adam).",
 )
 AGGREGATOR = flags.DEFINE_string(
-    "aggregator", "mean", "How client updates are combined: mean (weighted by examples)."
+    "aggregator",
+    "mean",
+    "How client updates (and alpha meta-gradients) are combined: mean (weighted by examples); "
+    "dp (user-level differential privacy: each client clipped to --clip_norm, Gaussian noise "
+    "--noise_multiplier, every client weighted the same; epsilon reported); robust (TFF's "
+    "robust_aggregator: adaptive zeroing of outliers and clipping). dp and robust turn cohorts "
+    "off.",
+)
+NOISE_MULTIPLIER = flags.DEFINE_float(
+    "noise_multiplier",
+    None,
+    "--aggregator=dp (required): noise multiplier of a round, > 0: the noise standard deviation "
+    "over the clip, as the privacy accountant counts it (mfl/meta_sgd noise each of their two "
+    "streams with sqrt(2) times it).",
+)
+CLIP_NORM = flags.DEFINE_string(
+    "clip_norm",
+    None,
+    "--aggregator=dp: L2 clip of each client's update and alpha meta-gradient, a number > 0, or "
+    "'adaptive' (TFF's adaptive clipping to the median norm, inside the same budget); empty: "
+    "adaptive.",
+)
+DP_DELTA = flags.DEFINE_float(
+    "dp_delta",
+    None,
+    "--aggregator=dp: delta of the reported (epsilon, delta) guarantee, in (0, 1); empty: 1 / the "
+    "number of training clients.",
 )
 COHORT_SIZE = flags.DEFINE_integer(
     "cohort_size",
@@ -138,7 +164,19 @@ EXPERIMENT_NAME = flags.DEFINE_string(
     "resumes.",
 )
 EXECUTION = flags.DEFINE_string(
-    "execution", "local", "Where computations run: local (a TFF worker started and stopped here)."
+    "execution",
+    "local",
+    "Where computations run: local (a TFF worker_binary started and stopped here) or remote (a "
+    "worker_binary already running at --worker, e.g. on another machine).",
+)
+WORKER = flags.DEFINE_string(
+    "worker", None, "--execution=remote: HOST:PORT of a running TFF worker_binary --port=PORT."
+)
+WORKER_TIMEOUT = flags.DEFINE_float(
+    "worker_timeout",
+    30.0,
+    "--execution=remote: seconds to wait for the worker to answer, at the start and whenever "
+    "the connection drops, before giving up with an error.",
 )
 VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show TensorFlow's and TFF's own log output (hidden by default)."
@@ -157,9 +195,13 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "experiment_name",
         "data_cache_dir",
         "execution",
+        "worker",
+        "worker_timeout",
         "cohort_size",
         "verbose",
     }
 )
-AGGREGATORS = ("mean",)
-EXECUTIONS = ("local",)
+AGGREGATORS = ("mean", "dp", "robust")
+# The flags that only --aggregator=dp reads.
+DP_FLAGS = ("noise_multiplier", "clip_norm", "dp_delta")
+EXECUTIONS = ("local", "remote")

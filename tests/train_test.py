@@ -22,6 +22,7 @@ import sys
 import time
 from concurrent import futures
 
+import dp_accounting
 import numpy as np
 import psutil
 import pytest
@@ -77,6 +78,9 @@ CONTRACT_FLAGS = (
     "execution",
     "verbose",
     "cohort_size",
+    "noise_multiplier",
+    "clip_norm",
+    "dp_delta",
 )
 WORKER_PID = re.compile(r"TFF worker_binary pid (\d+)")
 
@@ -365,6 +369,24 @@ BAD_INPUT = {
         f"checkpoints/copied/program_state_{TOTAL_ROUNDS}",
     ),
     "resume_with_a_changed_flag": ((*TINY_FLAGS, "--inner_lr=0.1"), "--inner_lr"),
+    "dp_without_noise_multiplier": (("--aggregator=dp",), "--noise_multiplier"),
+    "dp_clip_norm_not_a_number": (
+        ("--aggregator=dp", "--noise_multiplier=1", "--clip_norm=big"),
+        "--clip_norm",
+    ),
+    "dp_delta_out_of_range": (
+        ("--aggregator=dp", "--noise_multiplier=1", "--dp_delta=1"),
+        "--dp_delta",
+    ),
+    "robust_with_cohorts": (("--aggregator=robust", "--cohort_size=5"), "--cohort_size"),
+    "remote_without_worker": (("--execution=remote",), "--worker"),
+    "worker_not_host_port": (("--execution=remote", "--worker=localhost"), "--worker"),
+    "worker_without_remote": (("--worker=localhost:8000",), "--execution=remote"),
+    # Nothing listens on port 1; the check gives up after --worker_timeout, before any write.
+    "unreachable_worker": (
+        ("--execution=remote", "--worker=localhost:1", "--worker_timeout=2"),
+        "no TFF worker answered",
+    ),
 }
 
 
@@ -412,3 +434,98 @@ def test_bad_input_is_one_line_naming_the_problem(bad_runs, case):
 def test_bad_input_leaves_existing_output_unchanged(bad_runs):
     _, unchanged = bad_runs
     assert unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# Differential privacy and robust aggregation.
+# ---------------------------------------------------------------------------------------------
+
+DP_RUN = dict(noise_multiplier=1.0, clients_per_round=4, num_train_clients=20, rounds=3)
+AGGREGATOR_RUNS = {
+    "dp": (
+        "--task=digits_fewshot",
+        "--algorithm=mfl",
+        f"--num_train_clients={DP_RUN['num_train_clients']}",
+        "--num_eval_clients=3",
+        f"--clients_per_round={DP_RUN['clients_per_round']}",
+        f"--total_rounds={DP_RUN['rounds']}",
+        "--inner_steps=2",
+        "--rounds_per_eval=0",
+        "--aggregator=dp",
+        f"--noise_multiplier={DP_RUN['noise_multiplier']}",
+        "--clip_norm=0.5",
+        "--experiment_name=dp",
+    ),
+    "robust": (*TINY_FLAGS[:-1], "--aggregator=robust", "--experiment_name=robust"),
+}
+
+
+@pytest.fixture(scope="module")
+def aggregator_runs(tmp_path_factory):
+    """`{kind: (results directory, completed process)}` of a tiny run with each aggregator."""
+    root = tmp_path_factory.mktemp("aggregators")
+
+    def run(kind):
+        return _run(*AGGREGATOR_RUNS[kind], f"--root_output_dir={root}")
+
+    with futures.ThreadPoolExecutor(max_workers=2) as pool:
+        completed = dict(zip(AGGREGATOR_RUNS, pool.map(run, AGGREGATOR_RUNS)))
+    for kind, process in completed.items():
+        assert process.returncode == 0, (kind, process.stderr)
+        _assert_gone(_worker_pid(process.stdout))
+    return {kind: (root / "results" / kind, completed[kind]) for kind in AGGREGATOR_RUNS}
+
+
+def test_dp_run_reports_its_privacy_budget(aggregator_runs):
+    results, completed = aggregator_runs["dp"]
+    with open(results / "personalization.json") as f:
+        report = json.load(f)
+    privacy = report["privacy"]
+    assert set(privacy) == {
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sampling_rate",
+        "rounds",
+        "accountant",
+    }
+    q = DP_RUN["clients_per_round"] / DP_RUN["num_train_clients"]
+    delta = 1 / DP_RUN["num_train_clients"]  # --dp_delta's default
+    assert privacy["sampling_rate"] == pytest.approx(q)
+    assert privacy["delta"] == pytest.approx(delta)
+    assert privacy["noise_multiplier"] == DP_RUN["noise_multiplier"]
+    assert privacy["rounds"] == DP_RUN["rounds"]
+    # Computed here with dp_accounting directly, one round at a time.
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for _ in range(DP_RUN["rounds"]):
+        accountant.compose(
+            dp_accounting.PoissonSampledDpEvent(
+                q, dp_accounting.GaussianDpEvent(DP_RUN["noise_multiplier"])
+            )
+        )
+    assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    rows = _rows(results / "experiment.metrics.csv")
+    epsilons = [float(r["privacy/epsilon"]) for r in rows]
+    assert len(epsilons) == DP_RUN["rounds"] and epsilons == sorted(epsilons)
+    assert epsilons[-1] == pytest.approx(privacy["epsilon"])
+    assert all(int(r["clients/dropped"]) == 0 for r in rows)
+    assert f"epsilon {privacy['epsilon']:.4g} after {DP_RUN['rounds']} rounds" in completed.stdout
+    assert "Traceback" not in completed.stderr
+
+
+def test_robust_run_reports_zeroed_and_clipped_clients(aggregator_runs):
+    results, completed = aggregator_runs["robust"]
+    with open(results / "personalization.json") as f:
+        report = json.load(f)
+    assert "privacy" not in report
+    assert 0.0 <= report["after_adaptation"]["mean"] <= 1.0
+    rows = _rows(results / "experiment.metrics.csv")
+    assert len(rows) == TOTAL_ROUNDS
+    for column in (
+        "aggregator/zeroed_count",
+        "aggregator/zeroing/clipped_count",
+        "clients/dropped",
+    ):
+        assert all(r[column] != "" for r in rows), column
+    assert "privacy/epsilon" not in rows[0]
+    assert completed.stderr.strip() == "", completed.stderr

@@ -33,10 +33,12 @@ from typing import Optional
 import grpc
 import tensorflow_federated as tff
 
+from mfl_tff.training import computation_cache
 from mfl_tff.training.worker import (  # noqa: F401  (re-exported: the runtime's public API)
     GRPC_CHANNEL_OPTIONS,
     WORKER_BINARY_NAME,
     PathLike,
+    WorkerExitedError,
     WorkerService,
     channel_ready,
     check_target,
@@ -84,13 +86,18 @@ def _build_context(
             raise ConnectionError(
                 f"No TFF worker answered at {target} within {connect_timeout_s} s."
             )
-        executor = tff.framework.RemoteExecutor(stub)
+        executor = computation_cache.CachingRemoteExecutor(stub, compilations)
         executor.set_cardinalities(cardinalities)
         return executor
 
+    # TFF's native compiler runs in the executors, once per computation, and each computation is
+    # sent to the worker once (`mfl_tff.training.computation_cache`; TFF resends it every call).
+    compilations = computation_cache.CompilationCache(
+        tff.backends.native.desugar_and_transform_to_native
+    )
     context = tff.framework.SyncExecutionContext(
         executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
-        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+        compiler_fn=None,
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result,
     )

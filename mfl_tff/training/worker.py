@@ -40,6 +40,7 @@ import psutil
 import tensorflow_federated as tff
 
 __all__ = [
+    "WorkerExitedError",
     "WorkerService",
     "live_worker_pids",
     "stop_all_workers",
@@ -64,6 +65,10 @@ GRPC_CHANNEL_OPTIONS = (
 _STARTUP_POLL_S = 0.05
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class WorkerExitedError(RuntimeError):
+    """A worker this process started has exited (crashed, or killed by someone else)."""
 
 
 def worker_binary_path() -> pathlib.Path:
@@ -328,10 +333,10 @@ class WorkerService:
         return self._process.poll()
 
     def check_alive(self) -> None:
-        """Raises RuntimeError if the worker process has exited."""
+        """Raises `WorkerExitedError` (a RuntimeError) if the worker process has exited."""
         code = self._process.poll()
         if code is not None:
-            raise RuntimeError(
+            raise WorkerExitedError(
                 f"{WORKER_BINARY_NAME} (pid {self.pid}, {self.target}) exited with status {code}; "
                 f"{self._where_to_look()}."
             )
