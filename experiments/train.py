@@ -30,7 +30,6 @@ naming the flag or file and the fix, before anything is written.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -64,10 +63,9 @@ if __name__ == "__main__" and not _verbose_requested(sys.argv):
 import tensorflow as tf  # noqa: E402
 
 from experiments import train_flags as cfg  # noqa: E402
-from mfl_tff.algorithms import aggregation, builders, mfl  # noqa: E402
+from mfl_tff.algorithms import aggregation, builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
-from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
 from mfl_tff.training import outputs, privacy, program, runtime  # noqa: E402
 
 # --helpshort lists the flags of train_flags as this binary's own.
@@ -80,132 +78,9 @@ EXIT_WORKER_LOST = 3
 EXIT_INTERRUPTED = 130
 
 
-class UsageError(Exception):
-    """Bad input; the message is one line naming the flag or file and the fix."""
-
-
 def _own_flags() -> dict[str, Any]:
     """This binary's flags and their values, in definition order (for hparams.csv)."""
     return {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(cfg)}
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)
-
-
-def _check_flags() -> None:
-    """Checks the flags that need no library (counts, ranges, fixed choices)."""
-    at_least_one = {
-        "total_rounds": cfg.TOTAL_ROUNDS,
-        "clients_per_round": cfg.CLIENTS_PER_ROUND,
-        "inner_steps": cfg.INNER_STEPS,
-        "local_epochs": cfg.LOCAL_EPOCHS,
-        "rounds_per_checkpoint": cfg.ROUNDS_PER_CHECKPOINT,
-        "rounds_per_log": cfg.ROUNDS_PER_LOG,
-        "num_train_clients": cfg.NUM_TRAIN_CLIENTS,
-        "num_eval_clients": cfg.NUM_EVAL_CLIENTS,
-        "shots": cfg.SHOTS,
-        "eval_adaptation_steps": cfg.EVAL_ADAPTATION_STEPS,
-    }
-    for name, holder in at_least_one.items():
-        value = holder.value
-        _require(value is None or value >= 1, f"--{name} must be >= 1, got {value}.")
-    for name, holder in {
-        "rounds_per_eval": cfg.ROUNDS_PER_EVAL,
-        "checkpoints_to_keep": cfg.CHECKPOINTS_TO_KEEP,
-        "cohort_size": cfg.COHORT_SIZE,
-    }.items():
-        _require(holder.value >= 0, f"--{name} must be >= 0 (0 turns it off), got {holder.value}.")
-    for name, holder in {
-        "inner_lr": cfg.INNER_LR,
-        "outer_lr": cfg.OUTER_LR,
-        "meta_lr": cfg.META_LR,
-        "server_lr": cfg.SERVER_LR,
-        "dirichlet_concentration": cfg.DIRICHLET,
-    }.items():
-        value = holder.value
-        _require(value is None or value > 0, f"--{name} must be > 0, got {value}.")
-    if cfg.NUM_TRAIN_CLIENTS.value is not None:
-        _require(
-            cfg.CLIENTS_PER_ROUND.value <= cfg.NUM_TRAIN_CLIENTS.value,
-            f"--clients_per_round={cfg.CLIENTS_PER_ROUND.value} exceeds "
-            f"--num_train_clients={cfg.NUM_TRAIN_CLIENTS.value}; lower --clients_per_round or "
-            "raise --num_train_clients.",
-        )
-    _require(
-        cfg.AGGREGATOR.value in cfg.AGGREGATORS,
-        f"--aggregator={cfg.AGGREGATOR.value!r} is not supported; choose one of: "
-        f"{', '.join(cfg.AGGREGATORS)}.",
-    )
-    _require(
-        cfg.EXECUTION.value in cfg.EXECUTIONS,
-        f"--execution={cfg.EXECUTION.value!r} is not supported; choose one of: "
-        f"{', '.join(cfg.EXECUTIONS)}.",
-    )
-    _check_execution_flags()
-    _require(cfg.SEED.value >= 0, f"--seed must be >= 0, got {cfg.SEED.value}.")
-    _require(bool(cfg.ROOT_OUTPUT_DIR.value), "--root_output_dir must not be empty.")
-    name = _experiment_name()
-    _require(
-        name not in ("", ".", "..") and os.sep not in name,
-        f"--experiment_name={name!r} must be a plain directory name (no '{os.sep}').",
-    )
-
-
-def _check_choices() -> None:
-    """Checks the flags whose choices the library defines (before any algorithm is built)."""
-    choices = (
-        (cfg.META_OPTIMIZER, builders.OPTIMIZERS),
-        (cfg.SERVER_OPTIMIZER, builders.OPTIMIZERS),
-        (cfg.ALPHA_GRANULARITY, meta_hparams.GRANULARITIES),
-        (cfg.ADAPTIVE_UPDATE, mfl.ADAPTIVE_UPDATES),
-        (cfg.ADAPTIVE_DATA, mfl.ADAPTIVE_DATA),
-    )
-    for holder, allowed in choices:
-        value = holder.value
-        _require(
-            value in allowed or (holder is cfg.SERVER_OPTIMIZER and not value),
-            f"--{holder.name}={value!r} is unknown; choose one of: {', '.join(allowed)}.",
-        )
-
-
-def _check_aggregator_flags() -> None:
-    """Checks --aggregator's own flags: dp's noise, clip and delta, and cohorts off per client."""
-    kind = cfg.AGGREGATOR.value
-    if kind != "dp":
-        for name in cfg.DP_FLAGS:
-            _require(
-                flags.FLAGS[name].value is None,
-                f"--{name} applies only with --aggregator=dp; drop it or pass --aggregator=dp.",
-            )
-    else:
-        noise = cfg.NOISE_MULTIPLIER.value
-        _require(
-            noise is not None,
-            "--aggregator=dp needs --noise_multiplier (> 0, e.g. --noise_multiplier=1.0).",
-        )
-        _require(
-            math.isfinite(noise) and noise > 0,
-            f"--noise_multiplier must be a number > 0 with --aggregator=dp (without noise epsilon "
-            f"is infinite), got {noise}.",
-        )
-        if cfg.CLIP_NORM.value is not None:
-            try:
-                aggregation.parse_clip_norm(cfg.CLIP_NORM.value)
-            except ValueError:
-                raise UsageError(
-                    f"--clip_norm={cfg.CLIP_NORM.value!r} must be a number > 0 or 'adaptive'."
-                ) from None
-        delta = cfg.DP_DELTA.value
-        _require(delta is None or 0 < delta < 1, f"--dp_delta must be in (0, 1), got {delta}.")
-    if kind in ("dp", "robust") and flags.FLAGS["cohort_size"].present:
-        _require(
-            cfg.COHORT_SIZE.value == 0,
-            f"--cohort_size={cfg.COHORT_SIZE.value} stacks clients into one federated client, but "
-            f"--aggregator={kind} must clip each client alone; drop --cohort_size or pass "
-            "--cohort_size=0.",
-        )
 
 
 def _privacy_accountant(num_train: int) -> Optional[privacy.PrivacyAccountant]:
@@ -220,31 +95,7 @@ def _privacy_accountant(num_train: int) -> Optional[privacy.PrivacyAccountant]:
             delta=cfg.DP_DELTA.value,
         )
     except ValueError as e:
-        raise UsageError(f"--aggregator=dp: {e}") from None
-
-
-def _check_execution_flags() -> None:
-    if cfg.EXECUTION.value != "remote":
-        _require(
-            not flags.FLAGS["worker"].present,
-            "--worker is only used with --execution=remote; add --execution=remote or drop "
-            "--worker.",
-        )
-        return
-    _require(
-        bool(cfg.WORKER.value),
-        "--execution=remote needs --worker=HOST:PORT, the address of a running TFF worker_binary.",
-    )
-    try:
-        runtime.check_target(cfg.WORKER.value)
-    except ValueError:
-        raise UsageError(
-            f"--worker={cfg.WORKER.value!r} must be HOST:PORT, e.g. --worker=10.0.0.7:8000."
-        ) from None
-    _require(
-        cfg.WORKER_TIMEOUT.value > 0,
-        f"--worker_timeout must be > 0 seconds, got {cfg.WORKER_TIMEOUT.value}.",
-    )
+        raise cfg.UsageError(f"--aggregator=dp: {e}") from None
 
 
 def _connect_remote_worker() -> None:
@@ -255,7 +106,7 @@ def _connect_remote_worker() -> None:
         runtime.wait_for_worker(cfg.WORKER.value, cfg.WORKER_TIMEOUT.value)
     except ConnectionError:
         port = cfg.WORKER.value.rpartition(":")[2]
-        raise UsageError(
+        raise cfg.UsageError(
             f"--worker={cfg.WORKER.value}: no TFF worker answered within "
             f"{cfg.WORKER_TIMEOUT.value:g} s; start one on that host (worker_binary "
             f"--port={port}, see the README's 'Running on a remote worker') or fix --worker."
@@ -275,12 +126,6 @@ def _execution(paths: outputs.OutputPaths) -> Iterator[None]:
         yield
 
 
-def _experiment_name() -> str:
-    if cfg.EXPERIMENT_NAME.value is not None:
-        return cfg.EXPERIMENT_NAME.value
-    return f"{cfg.TASK.value}_{cfg.ALGORITHM.value}"
-
-
 def _set_log_levels(verbose: bool) -> None:
     """TensorFlow's and TFF's Python logs: warnings and up by default, everything with --verbose.
 
@@ -295,41 +140,41 @@ def _set_log_levels(verbose: bool) -> None:
 
 
 def _train() -> None:
-    _check_flags()
+    cfg.check_flags()
     _set_log_levels(cfg.VERBOSE.value)
-    _require(
+    cfg.require(
         cfg.TASK.value in registry.task_names(),
         f"--task={cfg.TASK.value!r} is unknown; choose one of: {', '.join(registry.task_names())}.",
     )
-    _require(
+    cfg.require(
         cfg.ALGORITHM.value in builders.ALGORITHMS,
         f"--algorithm={cfg.ALGORITHM.value!r} is unknown; choose one of: "
         f"{', '.join(builders.ALGORITHMS)}.",
     )
-    _check_choices()
-    _check_aggregator_flags()
-    paths = outputs.OutputPaths(cfg.ROOT_OUTPUT_DIR.value, _experiment_name())
+    cfg.check_choices()
+    cfg.check_aggregator_flags()
+    paths = outputs.OutputPaths(cfg.ROOT_OUTPUT_DIR.value, cfg.experiment_name())
     try:
         outputs.check_output_dirs(paths)
     except outputs.OutputDirError as e:
-        raise UsageError(f"--root_output_dir={cfg.ROOT_OUTPUT_DIR.value}: {e}") from None
+        raise cfg.UsageError(f"--root_output_dir={cfg.ROOT_OUTPUT_DIR.value}: {e}") from None
     hparams = _own_flags()
     try:
         differences = outputs.hparams_differences(
             paths.hparams_csv, hparams, cfg.MAY_DIFFER_ON_RESUME
         )
     except outputs.ProgramError as e:
-        raise UsageError(str(e)) from None
+        raise cfg.UsageError(str(e)) from None
     if differences:
         name, saved, current = differences[0]
-        raise UsageError(
+        raise cfg.UsageError(
             f"--{name}={current} differs from {name}={saved} in {paths.hparams_csv}, the "
             f"experiment this command would resume; rerun with --{name}={saved}, or pass a new "
             "--experiment_name."
         )
     task = _build_task()
     num_train = len(task.train_data.client_ids)
-    _require(
+    cfg.require(
         cfg.CLIENTS_PER_ROUND.value <= num_train,
         f"--clients_per_round={cfg.CLIENTS_PER_ROUND.value} exceeds the {num_train} training "
         f"clients of --task={cfg.TASK.value}; lower --clients_per_round or raise "
@@ -345,7 +190,7 @@ def _train() -> None:
             if os.path.exists(paths.hparams_csv)
             else "the flags that wrote it"
         )
-        raise UsageError(
+        raise cfg.UsageError(
             f"{e}; rerun with {written_with}, or pass a new --experiment_name."
         ) from None
     _connect_remote_worker()
@@ -443,9 +288,9 @@ def _build_task() -> FederatedTask:
     try:
         return registry.get_task(cfg.TASK.value, ignore_unknown_options=True, **options)
     except FileNotFoundError as e:
-        raise UsageError(f"--data_cache_dir: {e}") from None
+        raise cfg.UsageError(f"--data_cache_dir: {e}") from None
     except ValueError as e:
-        raise UsageError(f"--task={cfg.TASK.value}: {e}") from None
+        raise cfg.UsageError(f"--task={cfg.TASK.value}: {e}") from None
 
 
 def _build_algorithm(
@@ -464,7 +309,7 @@ def _build_algorithm(
             clients_per_round=clients if dp else None,
         )
     except ValueError as e:
-        raise UsageError(f"--aggregator={kind}: {e}") from None
+        raise cfg.UsageError(f"--aggregator={kind}: {e}") from None
     options = builders.AlgorithmOptions(
         inner_lr=cfg.INNER_LR.value,
         inner_steps=cfg.INNER_STEPS.value,
@@ -487,7 +332,7 @@ def _build_algorithm(
     try:
         return builders.build_algorithm(cfg.ALGORITHM.value, task, options)
     except ValueError as e:
-        raise UsageError(f"--algorithm={cfg.ALGORITHM.value}: {e}") from None
+        raise cfg.UsageError(f"--algorithm={cfg.ALGORITHM.value}: {e}") from None
 
 
 def _one_line(text: str) -> str:
@@ -507,7 +352,7 @@ def main(argv: Sequence[str]) -> None:
     _require_no_arguments(argv)
     try:
         _train()
-    except UsageError as e:
+    except cfg.UsageError as e:
         sys.stderr.write(f"error: {_one_line(e)}\n")
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:

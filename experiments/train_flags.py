@@ -1,4 +1,4 @@
-"""The flags of experiments/train.py, kept apart so the binary holds only what it does.
+"""The flags of experiments/train.py and their validation, kept apart from what the binary does.
 
 Flag names are a contract (scripts and users depend on them, issue 4); defaults give a run of MFL
 on `digits_fewshot` in about a minute.
@@ -6,7 +6,14 @@ on `digits_fewshot` in about a minute.
 
 from __future__ import annotations
 
+import math
+import os
+
 from absl import flags
+
+from mfl_tff.algorithms import aggregation, builders, mfl
+from mfl_tff.meta import hparams as meta_hparams
+from mfl_tff.training import worker
 
 # Held-out clients evaluated when --num_eval_clients is not given: enough for a stable mean and
 # p10, and a 100-client evaluation costs about a second (digits_fewshot's 500 take several).
@@ -205,3 +212,159 @@ AGGREGATORS = ("mean", "dp", "robust")
 # The flags that only --aggregator=dp reads.
 DP_FLAGS = ("noise_multiplier", "clip_norm", "dp_delta")
 EXECUTIONS = ("local", "remote")
+
+
+# ---- Validation: every check runs before anything is written ----
+
+
+class UsageError(Exception):
+    """Bad input; the message is one line naming the flag or file and the fix."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def check_flags() -> None:
+    """Checks the flags that need no library (counts, ranges, fixed choices)."""
+    at_least_one = {
+        "total_rounds": TOTAL_ROUNDS,
+        "clients_per_round": CLIENTS_PER_ROUND,
+        "inner_steps": INNER_STEPS,
+        "local_epochs": LOCAL_EPOCHS,
+        "rounds_per_checkpoint": ROUNDS_PER_CHECKPOINT,
+        "rounds_per_log": ROUNDS_PER_LOG,
+        "num_train_clients": NUM_TRAIN_CLIENTS,
+        "num_eval_clients": NUM_EVAL_CLIENTS,
+        "shots": SHOTS,
+        "eval_adaptation_steps": EVAL_ADAPTATION_STEPS,
+    }
+    for name, holder in at_least_one.items():
+        value = holder.value
+        require(value is None or value >= 1, f"--{name} must be >= 1, got {value}.")
+    for name, holder in {
+        "rounds_per_eval": ROUNDS_PER_EVAL,
+        "checkpoints_to_keep": CHECKPOINTS_TO_KEEP,
+        "cohort_size": COHORT_SIZE,
+    }.items():
+        require(holder.value >= 0, f"--{name} must be >= 0 (0 turns it off), got {holder.value}.")
+    for name, holder in {
+        "inner_lr": INNER_LR,
+        "outer_lr": OUTER_LR,
+        "meta_lr": META_LR,
+        "server_lr": SERVER_LR,
+        "dirichlet_concentration": DIRICHLET,
+    }.items():
+        value = holder.value
+        require(value is None or value > 0, f"--{name} must be > 0, got {value}.")
+    if NUM_TRAIN_CLIENTS.value is not None:
+        require(
+            CLIENTS_PER_ROUND.value <= NUM_TRAIN_CLIENTS.value,
+            f"--clients_per_round={CLIENTS_PER_ROUND.value} exceeds "
+            f"--num_train_clients={NUM_TRAIN_CLIENTS.value}; lower --clients_per_round or "
+            "raise --num_train_clients.",
+        )
+    require(
+        AGGREGATOR.value in AGGREGATORS,
+        f"--aggregator={AGGREGATOR.value!r} is not supported; choose one of: "
+        f"{', '.join(AGGREGATORS)}.",
+    )
+    require(
+        EXECUTION.value in EXECUTIONS,
+        f"--execution={EXECUTION.value!r} is not supported; choose one of: "
+        f"{', '.join(EXECUTIONS)}.",
+    )
+    check_execution_flags()
+    require(SEED.value >= 0, f"--seed must be >= 0, got {SEED.value}.")
+    require(bool(ROOT_OUTPUT_DIR.value), "--root_output_dir must not be empty.")
+    name = experiment_name()
+    require(
+        name not in ("", ".", "..") and os.sep not in name,
+        f"--experiment_name={name!r} must be a plain directory name (no '{os.sep}').",
+    )
+
+
+def check_choices() -> None:
+    """Checks the flags whose choices the library defines (before any algorithm is built)."""
+    choices = (
+        (META_OPTIMIZER, builders.OPTIMIZERS),
+        (SERVER_OPTIMIZER, builders.OPTIMIZERS),
+        (ALPHA_GRANULARITY, meta_hparams.GRANULARITIES),
+        (ADAPTIVE_UPDATE, mfl.ADAPTIVE_UPDATES),
+        (ADAPTIVE_DATA, mfl.ADAPTIVE_DATA),
+    )
+    for holder, allowed in choices:
+        value = holder.value
+        require(
+            value in allowed or (holder is SERVER_OPTIMIZER and not value),
+            f"--{holder.name}={value!r} is unknown; choose one of: {', '.join(allowed)}.",
+        )
+
+
+def check_aggregator_flags() -> None:
+    """Checks --aggregator's own flags: dp's noise, clip and delta, and cohorts off per client."""
+    kind = AGGREGATOR.value
+    if kind != "dp":
+        for name in DP_FLAGS:
+            require(
+                flags.FLAGS[name].value is None,
+                f"--{name} applies only with --aggregator=dp; drop it or pass --aggregator=dp.",
+            )
+    else:
+        noise = NOISE_MULTIPLIER.value
+        require(
+            noise is not None,
+            "--aggregator=dp needs --noise_multiplier (> 0, e.g. --noise_multiplier=1.0).",
+        )
+        require(
+            math.isfinite(noise) and noise > 0,
+            f"--noise_multiplier must be a number > 0 with --aggregator=dp (without noise epsilon "
+            f"is infinite), got {noise}.",
+        )
+        if CLIP_NORM.value is not None:
+            try:
+                aggregation.parse_clip_norm(CLIP_NORM.value)
+            except ValueError:
+                raise UsageError(
+                    f"--clip_norm={CLIP_NORM.value!r} must be a number > 0 or 'adaptive'."
+                ) from None
+        delta = DP_DELTA.value
+        require(delta is None or 0 < delta < 1, f"--dp_delta must be in (0, 1), got {delta}.")
+    if kind in ("dp", "robust") and flags.FLAGS["cohort_size"].present:
+        require(
+            COHORT_SIZE.value == 0,
+            f"--cohort_size={COHORT_SIZE.value} stacks clients into one federated client, but "
+            f"--aggregator={kind} must clip each client alone; drop --cohort_size or pass "
+            "--cohort_size=0.",
+        )
+
+
+def check_execution_flags() -> None:
+    if EXECUTION.value != "remote":
+        require(
+            not flags.FLAGS["worker"].present,
+            "--worker is only used with --execution=remote; add --execution=remote or drop "
+            "--worker.",
+        )
+        return
+    require(
+        bool(WORKER.value),
+        "--execution=remote needs --worker=HOST:PORT, the address of a running TFF worker_binary.",
+    )
+    try:
+        worker.check_target(WORKER.value)
+    except ValueError:
+        raise UsageError(
+            f"--worker={WORKER.value!r} must be HOST:PORT, e.g. --worker=10.0.0.7:8000."
+        ) from None
+    require(
+        WORKER_TIMEOUT.value > 0,
+        f"--worker_timeout must be > 0 seconds, got {WORKER_TIMEOUT.value}.",
+    )
+
+
+def experiment_name() -> str:
+    if EXPERIMENT_NAME.value is not None:
+        return EXPERIMENT_NAME.value
+    return f"{TASK.value}_{ALGORITHM.value}"
