@@ -16,62 +16,63 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import client_utils, composers
+from mfl_tff.algorithms import client_work, composer
+from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
 from mfl_tff.meta import inner_loop, losses
 
 
-def build_local_sgd_client_work(
-    model_fn: Callable[[], tff.learning.models.FunctionalModel],
-    client_data_type: tff.Type,
-    *,
-    problem: str,
-    learning_rate: float,
-    local_epochs: int = 1,
-    cohort_size: Optional[int] = None,
-) -> tff.templates.MeasuredProcess:
-    """Client work: `local_epochs` of SGD over all of a client's batches (support, then query).
-
-    Returns:
-      A `tff.templates.MeasuredProcess` whose `next(state, weights@CLIENTS, data@CLIENTS)` returns a
-      `ClientResult(update=initial - trained trainable weights, update_weight=num_examples)`, and
-      measurements `OrderedDict(train_loss, num_examples, num_clients_rejected)` at SERVER. A client
-      whose update is not finite is rejected: update zeroed, weight 0 (as TFF's FedAvg does).
-    """
-    model = model_fn()
-    weights_type = client_utils.model_weights_type(model)
+def local_sgd_client_fn(
+    model, *, learning_rate: float, local_epochs: int, proximal_strength: float = 0.0
+) -> Callable:
+    """`client_fn(weights, data)`: `local_epochs` of SGD over all of a client's batches (support,
+    then query); returns the model delta `initial - trained`, weighted by the example count.
+    `proximal_strength` > 0 adds FedProx's proximal term (`inner_loop.local_sgd`)."""
 
     def client_update(weights, data):
         batches = inner_loop.concat_parts(data)
         trainable = inner_loop.local_sgd(
             model,
-            problem,
             (weights.trainable, weights.non_trainable),
             batches,
             tf.constant(learning_rate, tf.float32),
             local_epochs,
+            proximal_strength=proximal_strength,
         )
         delta = tf.nest.map_structure(tf.subtract, weights.trainable, trainable)
-        num_examples = tf.reduce_sum(batches["mask"])
+        flat = losses.flatten_batches(batches)
         loss = losses.model_loss(
-            model,
-            problem,
-            (weights.trainable, weights.non_trainable),
-            *[losses.flatten_batches(batches)[k] for k in ("x", "y", "mask")],
+            model, (weights.trainable, weights.non_trainable), flat["x"], flat["y"], flat["mask"]
         )
-        return client_utils.client_output(
-            delta, num_examples, collections.OrderedDict(train_loss=loss)
+        return client_work.client_output(
+            delta, tf.reduce_sum(batches["mask"]), collections.OrderedDict(train_loss=loss)
         )
 
-    return client_utils.build_client_work(
-        client_update, weights_type, client_data_type, cohort_size=cohort_size
-    )
+    return client_update
+
+
+FEDAVG = Algorithm(
+    name="fedavg",
+    paper=(
+        "Communication-Efficient Learning of Deep Networks from Decentralized Data, "
+        "arXiv 1602.05629"
+    ),
+    phases=lambda model, options: (
+        ClientPhase(
+            "",
+            local_sgd_client_fn(
+                model, learning_rate=options.inner_lr, local_epochs=options.local_epochs
+            ),
+        ),
+    ),
+    default_server_optimizer=("sgd", 1.0),
+    check=check_common,
+)
 
 
 def build_fedavg(
     model_fn: Callable[[], tff.learning.models.FunctionalModel],
     client_data_type: tff.Type,
     *,
-    problem: str,
     client_learning_rate: float = 0.1,
     local_epochs: int = 1,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
@@ -81,9 +82,9 @@ def build_fedavg(
     """Builds FedAvg over packed client data.
 
     Args:
-      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
+      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`; clients
+        train its own loss.
       client_data_type: TFF type of one packed client (`FederatedTask.client_data_type()`).
-      problem: 'classification' or 'regression'.
       client_learning_rate: Step size of the clients' local SGD.
       local_epochs: Passes over each client's batches per round.
       server_optimizer: A `tff.learning.optimizers.Optimizer`; default SGD with rate 1.0 (FedAvg).
@@ -97,21 +98,11 @@ def build_fedavg(
       TypeError: If an optimizer or aggregator is of the wrong kind.
       ValueError: If a rate or count is out of range.
     """
-    client_utils.check_positive_rate("client_learning_rate", client_learning_rate)
-    client_utils.check_positive_int("local_epochs", local_epochs)
-    server_optimizer = server_optimizer or tff.learning.optimizers.build_sgdm(learning_rate=1.0)
-    model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
-    client_work = build_local_sgd_client_work(
-        model_fn,
-        client_data_type,
-        problem=problem,
-        learning_rate=client_learning_rate,
+    options = AlgorithmOptions(
+        inner_lr=client_learning_rate,
         local_epochs=local_epochs,
-        cohort_size=cohort_size,
-    )
-    return composers.compose_model_update_process(
-        model_fn(),
-        client_work,
         server_optimizer=server_optimizer,
         model_aggregator=model_aggregator,
+        cohort_size=cohort_size,
     )
+    return composer.compose(FEDAVG, model_fn, client_data_type, options)

@@ -21,39 +21,23 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import client_utils, composers
+from mfl_tff.algorithms import checks, client_work, composer
+from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
 from mfl_tff.meta import gradients, inner_loop, losses
 
 
-def build_maml_client_work(
-    model_fn: Callable[[], tff.learning.models.FunctionalModel],
-    client_data_type: tff.Type,
-    *,
-    problem: str,
-    inner_lr: float,
-    inner_steps: int,
-    first_order: bool,
-    cohort_size: Optional[int] = None,
-) -> tff.templates.MeasuredProcess:
-    """Client work returning the meta-gradient w.r.t. theta, weighted by the query size."""
-    model = model_fn()
-    weights_type = client_utils.model_weights_type(model)
+def maml_client_fn(model, *, inner_lr: float, inner_steps: int, first_order: bool) -> Callable:
+    """`client_fn(weights, data)`: the meta-gradient w.r.t. theta of the query loss after
+    `inner_steps` steps on the support set, weighted by the query size."""
 
     def client_update(weights, data):
         alpha = (tf.constant(inner_lr, tf.float32),)
+        theta = (weights.trainable, weights.non_trainable)
         grad_theta, _, pre_loss, post_loss, post_metric = gradients.meta_gradients(
-            model,
-            problem,
-            (weights.trainable, weights.non_trainable),
-            data,
-            alpha,
-            inner_steps,
-            first_order=first_order,
+            model, theta, data, alpha, inner_steps, first_order=first_order
         )
-        _, pre_metric = losses.part_loss_and_metric(
-            model, problem, (weights.trainable, weights.non_trainable), data["query"]
-        )
-        return client_utils.client_output(
+        _, pre_metric = losses.part_loss_and_metric(model, theta, data["query"])
+        return client_work.client_output(
             grad_theta,
             tf.reduce_sum(data["query"]["mask"]),
             collections.OrderedDict(
@@ -64,117 +48,16 @@ def build_maml_client_work(
             ),
         )
 
-    return client_utils.build_client_work(
-        client_update, weights_type, client_data_type, cohort_size=cohort_size
-    )
+    return client_update
 
 
-def _build_maml(model_fn, client_data_type, *, first_order, **options):
-    problem = options["problem"]
-    client_utils.check_positive_rate("inner_lr", options["inner_lr"])
-    client_utils.check_positive_int("inner_steps", options["inner_steps"])
-    client_work = build_maml_client_work(
-        model_fn,
-        client_data_type,
-        problem=problem,
-        inner_lr=options["inner_lr"],
-        inner_steps=options["inner_steps"],
-        first_order=first_order,
-        cohort_size=options["cohort_size"],
-    )
-    return composers.compose_model_update_process(
-        model_fn(),
-        client_work,
-        server_optimizer=options["meta_optimizer"] or tff.learning.optimizers.build_adam(1e-3),
-        model_aggregator=options["model_aggregator"] or tff.aggregators.MeanFactory(),
-    )
-
-
-def build_maml(
-    model_fn: Callable[[], tff.learning.models.FunctionalModel],
-    client_data_type: tff.Type,
-    *,
-    problem: str,
-    inner_lr: float = 0.01,
-    inner_steps: int = 1,
-    meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
-    cohort_size: Optional[int] = None,
-) -> tff.learning.templates.LearningProcess:
-    """Federated MAML with the exact second-order meta-gradient.
-
-    Args:
-      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
-      client_data_type: TFF type of one packed client.
-      problem: 'classification' or 'regression'.
-      inner_lr: Inner-loop SGD step size (fixed, not learned).
-      inner_steps: Inner steps K on the support set.
-      meta_optimizer: Server optimizer on theta; default Adam(1e-3).
-      model_aggregator: Aggregator of the meta-gradients, weighted or unweighted; default mean.
-      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
-
-    Returns:
-      A `tff.learning.templates.LearningProcess`.
-    """
-    return _build_maml(
-        model_fn,
-        client_data_type,
-        first_order=False,
-        problem=problem,
-        inner_lr=inner_lr,
-        inner_steps=inner_steps,
-        meta_optimizer=meta_optimizer,
-        model_aggregator=model_aggregator,
-        cohort_size=cohort_size,
-    )
-
-
-def build_fomaml(
-    model_fn: Callable[[], tff.learning.models.FunctionalModel],
-    client_data_type: tff.Type,
-    *,
-    problem: str,
-    inner_lr: float = 0.01,
-    inner_steps: int = 1,
-    meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
-    cohort_size: Optional[int] = None,
-) -> tff.learning.templates.LearningProcess:
-    """Federated first-order MAML: the meta-gradient is grad L_query(theta_K).
-
-    Args are those of `build_maml`.
-    """
-    return _build_maml(
-        model_fn,
-        client_data_type,
-        first_order=True,
-        problem=problem,
-        inner_lr=inner_lr,
-        inner_steps=inner_steps,
-        meta_optimizer=meta_optimizer,
-        model_aggregator=model_aggregator,
-        cohort_size=cohort_size,
-    )
-
-
-def build_reptile_client_work(
-    model_fn: Callable[[], tff.learning.models.FunctionalModel],
-    client_data_type: tff.Type,
-    *,
-    problem: str,
-    inner_lr: float,
-    inner_steps: int,
-    cohort_size: Optional[int] = None,
-) -> tff.templates.MeasuredProcess:
-    """Client work: K SGD steps over all batches in turn; returns theta - theta_K."""
-    model = model_fn()
-    weights_type = client_utils.model_weights_type(model)
+def reptile_client_fn(model, *, inner_lr: float, inner_steps: int) -> Callable:
+    """`client_fn(weights, data)`: K SGD steps over all batches in turn; returns theta - theta_K."""
 
     def client_update(weights, data):
         batches = inner_loop.concat_parts(data)
         trainable = gradients.adapt(
             model,
-            problem,
             tuple(weights.trainable),
             tuple(weights.non_trainable),
             batches,
@@ -183,22 +66,111 @@ def build_reptile_client_work(
         )
         delta = tf.nest.map_structure(tf.subtract, tuple(weights.trainable), trainable)
         loss, _ = losses.part_loss_and_metric(
-            model, problem, (weights.trainable, weights.non_trainable), batches
+            model, (weights.trainable, weights.non_trainable), batches
         )
-        return client_utils.client_output(
+        return client_work.client_output(
             delta, tf.reduce_sum(batches["mask"]), collections.OrderedDict(train_loss=loss)
         )
 
-    return client_utils.build_client_work(
-        client_update, weights_type, client_data_type, cohort_size=cohort_size
+    return client_update
+
+
+def _maml(name: str, first_order: bool) -> Algorithm:
+    return Algorithm(
+        name=name,
+        paper="Model-Agnostic Meta-Learning, arXiv 1703.03400; FedMeta, arXiv 1802.07876",
+        phases=lambda model, options: (
+            ClientPhase(
+                "",
+                maml_client_fn(
+                    model,
+                    inner_lr=options.inner_lr,
+                    inner_steps=options.inner_steps,
+                    first_order=first_order,
+                ),
+            ),
+        ),
+        model_optimizer="meta",
+        check=check_common,
     )
+
+
+MAML = _maml("maml", first_order=False)
+FOMAML = _maml("fomaml", first_order=True)
+
+
+def _check_reptile(options: AlgorithmOptions) -> None:
+    check_common(options)
+    if options.server_lr is not None:
+        checks.check_positive_rate("server_lr (Reptile's epsilon)", options.server_lr)
+
+
+REPTILE = Algorithm(
+    name="reptile",
+    paper="On First-Order Meta-Learning Algorithms, arXiv 1803.02999",
+    phases=lambda model, options: (
+        ClientPhase(
+            "",
+            reptile_client_fn(model, inner_lr=options.inner_lr, inner_steps=options.inner_steps),
+        ),
+    ),
+    default_server_optimizer=("sgd", 1.0),
+    check=_check_reptile,
+)
+
+
+def build_maml(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    *,
+    inner_lr: float = 0.01,
+    inner_steps: int = 1,
+    meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
+    cohort_size: Optional[int] = None,
+    first_order: bool = False,
+) -> tff.learning.templates.LearningProcess:
+    """Federated MAML with the exact second-order meta-gradient (first-order with `first_order`).
+
+    Args:
+      model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
+      client_data_type: TFF type of one packed client.
+      inner_lr: Inner-loop SGD step size (fixed, not learned).
+      inner_steps: Inner steps K on the support set.
+      meta_optimizer: Server optimizer on theta; default Adam(1e-3).
+      model_aggregator: Aggregator of the meta-gradients, weighted or unweighted; default mean.
+      cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      first_order: FOMAML: drop the second-order terms.
+
+    Returns:
+      A `tff.learning.templates.LearningProcess`.
+    """
+    options = AlgorithmOptions(
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        meta_optimizer=meta_optimizer or "adam",
+        model_aggregator=model_aggregator,
+        cohort_size=cohort_size,
+    )
+    return composer.compose(FOMAML if first_order else MAML, model_fn, client_data_type, options)
+
+
+def build_fomaml(
+    model_fn: Callable[[], tff.learning.models.FunctionalModel],
+    client_data_type: tff.Type,
+    **kwargs,
+) -> tff.learning.templates.LearningProcess:
+    """Federated first-order MAML: the meta-gradient is grad L_query(theta_K).
+
+    Keyword options are those of `build_maml`.
+    """
+    return build_maml(model_fn, client_data_type, first_order=True, **kwargs)
 
 
 def build_reptile(
     model_fn: Callable[[], tff.learning.models.FunctionalModel],
     client_data_type: tff.Type,
     *,
-    problem: str,
     inner_lr: float = 0.01,
     inner_steps: int = 5,
     outer_step_size: float = 1.0,
@@ -210,7 +182,6 @@ def build_reptile(
     Args:
       model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
       client_data_type: TFF type of one packed client.
-      problem: 'classification' or 'regression'.
       inner_lr: Client SGD step size.
       inner_steps: SGD steps K per client (batches used in turn, support then query).
       outer_step_size: Reptile's epsilon: the server SGD step on the mean delta.
@@ -220,20 +191,12 @@ def build_reptile(
     Returns:
       A `tff.learning.templates.LearningProcess`.
     """
-    client_utils.check_positive_rate("inner_lr", inner_lr)
-    client_utils.check_positive_rate("outer_step_size", outer_step_size)
-    client_utils.check_positive_int("inner_steps", inner_steps)
-    client_work = build_reptile_client_work(
-        model_fn,
-        client_data_type,
-        problem=problem,
+    checks.check_positive_rate("outer_step_size", outer_step_size)
+    options = AlgorithmOptions(
         inner_lr=inner_lr,
         inner_steps=inner_steps,
+        server_lr=outer_step_size,
+        model_aggregator=model_aggregator,
         cohort_size=cohort_size,
     )
-    return composers.compose_model_update_process(
-        model_fn(),
-        client_work,
-        server_optimizer=tff.learning.optimizers.build_sgdm(learning_rate=outer_step_size),
-        model_aggregator=model_aggregator or tff.aggregators.MeanFactory(),
-    )
+    return composer.compose(REPTILE, model_fn, client_data_type, options)

@@ -3,13 +3,16 @@ Learning: A Meta-Learning Approach", arXiv 2002.07948).
 
 Each client takes `local_steps` steps of the MAML objective on its own data, then the server
 averages the resulting models. Local step t, with batches D = support batch t, D' = query batch t
-and D'' = support batch t + 1 (an independent batch, as the paper asks):
+and D'' = support batch t + 1:
 
     theta_tmp = theta - alpha grad f(theta; D)
     FO:  theta <- theta - beta grad f(theta_tmp; D')
     HF:  theta <- theta - beta (I - alpha H(theta; D'')) grad f(theta_tmp; D')
 
-where H v is a Hessian-vector product by double backprop, never a Hessian.
+where H v is a Hessian-vector product by double backprop, never a Hessian. Batches cycle over a
+client's non-empty batches. Deviation from the paper: it asks for D'' independent of D, which
+holds when a client has two or more support batches; a client with ONE support batch (as packed
+by `sinusoid` and `digits_fewshot`) uses that batch as both D and D''.
 """
 
 from __future__ import annotations
@@ -21,35 +24,86 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import client_utils, composers
+from mfl_tff.algorithms import checks, client_work, composer
+from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
 from mfl_tff.meta import gradients, inner_loop, losses
 
 VARIANTS = ("fo", "hf")
 
 
-def per_fedavg_step(
-    model, problem: str, trainable, non_trainable, data, step: int, alpha, beta, variant: str
-):
+def per_fedavg_step(model, trainable, non_trainable, data, step: int, alpha, beta, variant: str):
     """One local Per-FedAvg step (see the module docstring); returns the new trainable weights."""
     batch_d = gradients.support_batch(data["support"], step)
     batch_d2 = gradients.support_batch(data["query"], step)
-    grad = inner_loop.batch_gradient(model, problem, trainable, non_trainable, batch_d)
+    grad = inner_loop.batch_gradient(model, trainable, non_trainable, batch_d)
     theta_tmp = tuple(w - alpha * g for w, g in zip(trainable, grad))
-    outer = inner_loop.batch_gradient(model, problem, theta_tmp, non_trainable, batch_d2)
+    outer = inner_loop.batch_gradient(model, theta_tmp, non_trainable, batch_d2)
     if variant == "hf":
         batch_d3 = gradients.support_batch(data["support"], step + 1)
-        hvp = gradients.hessian_vector_product(
-            model, problem, trainable, non_trainable, batch_d3, outer
-        )
+        hvp = gradients.hessian_vector_product(model, trainable, non_trainable, batch_d3, outer)
         outer = tuple(o - alpha * h for o, h in zip(outer, hvp))
     return tuple(w - beta * o for w, o in zip(trainable, outer))
+
+
+def per_fedavg_client_fn(
+    model, *, variant: str, inner_lr: float, outer_lr: float, local_steps: int
+) -> Callable:
+    """`client_fn(weights, data)`: `local_steps` Per-FedAvg steps; returns the model delta."""
+
+    def client_update(weights, data):
+        initial = tuple(weights.trainable)
+        non_trainable = tuple(weights.non_trainable)
+        trainable = initial
+        for step in range(local_steps):
+            trainable = per_fedavg_step(
+                model, trainable, non_trainable, data, step, inner_lr, outer_lr, variant
+            )
+        delta = tf.nest.map_structure(tf.subtract, initial, trainable)
+        loss, _ = losses.part_loss_and_metric(
+            model, (initial, non_trainable), inner_loop.concat_parts(data)
+        )
+        num_examples = tf.reduce_sum(data["support"]["mask"]) + tf.reduce_sum(data["query"]["mask"])
+        return client_work.client_output(
+            delta, num_examples, collections.OrderedDict(train_loss=loss)
+        )
+
+    return client_update
+
+
+def _check(options: AlgorithmOptions) -> None:
+    check_common(options)
+    checks.check_positive_rate("outer_lr", options.outer_lr)
+
+
+def _per_fedavg(variant: str) -> Algorithm:
+    return Algorithm(
+        name=f"per_fedavg_{variant}",
+        paper="Personalized Federated Learning: A Meta-Learning Approach, arXiv 2002.07948",
+        phases=lambda model, options: (
+            ClientPhase(
+                "",
+                per_fedavg_client_fn(
+                    model,
+                    variant=variant,
+                    inner_lr=options.inner_lr,
+                    outer_lr=options.outer_lr,
+                    local_steps=options.inner_steps,
+                ),
+            ),
+        ),
+        default_server_optimizer=("sgd", 1.0),
+        check=_check,
+    )
+
+
+PER_FEDAVG_FO = _per_fedavg("fo")
+PER_FEDAVG_HF = _per_fedavg("hf")
 
 
 def build_per_fedavg(
     model_fn: Callable[[], tff.learning.models.FunctionalModel],
     client_data_type: tff.Type,
     *,
-    problem: str,
     variant: str = "fo",
     inner_lr: float = 0.01,
     outer_lr: float = 0.01,
@@ -63,7 +117,6 @@ def build_per_fedavg(
     Args:
       model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel`.
       client_data_type: TFF type of one packed client.
-      problem: 'classification' or 'regression'.
       variant: 'fo' or 'hf'.
       inner_lr: alpha, the personalization step size.
       outer_lr: beta, the local meta step size.
@@ -77,34 +130,13 @@ def build_per_fedavg(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    client_utils.check_positive_rate("inner_lr", inner_lr)
-    client_utils.check_positive_rate("outer_lr", outer_lr)
-    client_utils.check_positive_int("local_steps", local_steps)
-    model = model_fn()
-    weights_type = client_utils.model_weights_type(model)
-
-    def client_update(weights, data):
-        initial = tuple(weights.trainable)
-        non_trainable = tuple(weights.non_trainable)
-        trainable = initial
-        for step in range(local_steps):
-            trainable = per_fedavg_step(
-                model, problem, trainable, non_trainable, data, step, inner_lr, outer_lr, variant
-            )
-        delta = tf.nest.map_structure(tf.subtract, initial, trainable)
-        loss, _ = losses.part_loss_and_metric(
-            model, problem, (initial, non_trainable), inner_loop.concat_parts(data)
-        )
-        num_examples = tf.reduce_sum(data["support"]["mask"]) + tf.reduce_sum(data["query"]["mask"])
-        return client_utils.client_output(
-            delta, num_examples, collections.OrderedDict(train_loss=loss)
-        )
-
-    return composers.compose_model_update_process(
-        model,
-        client_utils.build_client_work(
-            client_update, weights_type, client_data_type, cohort_size=cohort_size
-        ),
-        server_optimizer=server_optimizer or tff.learning.optimizers.build_sgdm(1.0),
-        model_aggregator=model_aggregator or tff.aggregators.MeanFactory(),
+    options = AlgorithmOptions(
+        inner_lr=inner_lr,
+        outer_lr=outer_lr,
+        inner_steps=local_steps,
+        server_optimizer=server_optimizer,
+        model_aggregator=model_aggregator,
+        cohort_size=cohort_size,
     )
+    record = PER_FEDAVG_FO if variant == "fo" else PER_FEDAVG_HF
+    return composer.compose(record, model_fn, client_data_type, options)

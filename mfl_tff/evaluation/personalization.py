@@ -23,11 +23,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import client_utils
+from mfl_tff.algorithms import checks, client_work
 from mfl_tff.meta import gradients, hparams, inner_loop, losses
 
 
-def _curve(model, problem, trainable, non_trainable, data, step_sizes, max_steps, guard_after):
+def _curve(model, trainable, non_trainable, data, step_sizes, max_steps, guard_after):
     """Query loss/metric after 0..max_steps steps; steps past `guard_after` are guarded."""
     loss_curve, metric_curve = [], []
     support_all = losses.flatten_batches(data["support"])
@@ -35,7 +35,6 @@ def _curve(model, problem, trainable, non_trainable, data, step_sizes, max_steps
     def support_loss(weights):
         return losses.model_loss(
             model,
-            problem,
             (weights, non_trainable),
             support_all["x"],
             support_all["y"],
@@ -43,16 +42,13 @@ def _curve(model, problem, trainable, non_trainable, data, step_sizes, max_steps
         )
 
     for step in range(max_steps + 1):
-        loss, metric = losses.part_loss_and_metric(
-            model, problem, (trainable, non_trainable), data["query"]
-        )
+        loss, metric = losses.part_loss_and_metric(model, (trainable, non_trainable), data["query"])
         loss_curve.append(loss)
         metric_curve.append(metric)
         if step == max_steps:
             break
         stepped = inner_loop.sgd_step(
             model,
-            problem,
             trainable,
             non_trainable,
             gradients.support_batch(data["support"], step),
@@ -62,7 +58,7 @@ def _curve(model, problem, trainable, non_trainable, data, step_sizes, max_steps
             before, after = support_loss(trainable), support_loss(stepped)
             accept = tf.logical_and(
                 tf.logical_and(tf.math.is_finite(after), after <= before),
-                client_utils.all_finite(stepped),
+                client_work.all_finite(stepped),
             )
             stepped = tuple(tf.where(accept, s, t) for s, t in zip(stepped, trainable))
         trainable = tuple(stepped)
@@ -74,7 +70,6 @@ def build_personalization_eval(
     client_data_type: tff.Type,
     alpha_type: tff.Type,
     *,
-    problem: str,
     max_steps: int,
     fine_tune_lr: float,
     guard_after: int,
@@ -82,11 +77,11 @@ def build_personalization_eval(
     """Builds the personalization evaluation computation.
 
     Args:
-      model_fn: No-argument callable returning the `tff.learning.models.FunctionalModel`.
+      model_fn: No-argument callable returning the `tff.learning.models.FunctionalModel`; its own
+        loss and metric are what the curves report.
       client_data_type: TFF type of one packed held-out client.
       alpha_type: TFF type of the `own` rule's rates (a tuple; see `mfl_tff.meta.hparams`); use
         `fixed_rate_alpha(lr)` for algorithms that fine-tune at a fixed rate.
-      problem: 'classification' or 'regression'.
       max_steps: Adaptation steps S of the curve (0..S).
       fine_tune_lr: Rate of the shared fine-tuning baseline.
       guard_after: Steps of the `own` rule after which divergence is guarded (its trained K).
@@ -96,17 +91,16 @@ def build_personalization_eval(
       OrderedDict(own_loss, own_metric, fine_tune_loss, fine_tune_metric)@CLIENTS`, each a float32
       vector of length max_steps + 1 per client.
     """
-    client_utils.check_positive_int("max_steps", max_steps)
-    client_utils.check_positive_rate("fine_tune_lr", fine_tune_lr)
+    checks.check_positive_int("max_steps", max_steps)
+    checks.check_positive_rate("fine_tune_lr", fine_tune_lr)
     model = model_fn()
-    weights_type = client_utils.model_weights_type(model)
+    weights_type = client_work.model_weights_type(model)
 
     @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
     def client_eval(weights, alpha, data):
         trainable, non_trainable = tuple(weights.trainable), tuple(weights.non_trainable)
         own_loss, own_metric = _curve(
             model,
-            problem,
             trainable,
             non_trainable,
             data,
@@ -116,7 +110,6 @@ def build_personalization_eval(
         )
         ft_loss, ft_metric = _curve(
             model,
-            problem,
             trainable,
             non_trainable,
             data,

@@ -32,7 +32,6 @@ def support_batch(support, k: int):
 
 def adapt(
     model,
-    problem: str,
     trainable,
     non_trainable,
     support,
@@ -46,7 +45,6 @@ def adapt(
     for k in range(num_steps):
         trainable = inner_loop.sgd_step(
             model,
-            problem,
             trainable,
             non_trainable,
             support_batch(support, k),
@@ -58,7 +56,6 @@ def adapt(
 
 def meta_gradients(
     model,
-    problem: str,
     weights,
     data,
     alpha,
@@ -70,7 +67,6 @@ def meta_gradients(
 
     Args:
       model: A `tff.learning.models.FunctionalModel`.
-      problem: 'classification' or 'regression'.
       weights: (trainable, non_trainable) tuples: theta.
       data: A packed client (`support`, `query`).
       alpha: Meta-parameters (see `mfl_tff.meta.hparams`), any granularity.
@@ -87,7 +83,6 @@ def meta_gradients(
         tape.watch((trainable, alpha))
         adapted = adapt(
             model,
-            problem,
             trainable,
             non_trainable,
             data["support"],
@@ -96,16 +91,14 @@ def meta_gradients(
             first_order=first_order,
         )
         post_loss, post_metric = losses.part_loss_and_metric(
-            model, problem, (adapted, non_trainable), data["query"]
+            model, (adapted, non_trainable), data["query"]
         )
     grad_theta, grad_alpha = tape.gradient(post_loss, (trainable, alpha))
-    pre_loss, _ = losses.part_loss_and_metric(
-        model, problem, (trainable, non_trainable), data["query"]
-    )
+    pre_loss, _ = losses.part_loss_and_metric(model, (trainable, non_trainable), data["query"])
     return grad_theta, grad_alpha, pre_loss, post_loss, post_metric
 
 
-def hessian_vector_product(model, problem: str, trainable, non_trainable, batch, vector):
+def hessian_vector_product(model, trainable, non_trainable, batch, vector):
     """H v for the Hessian of the batch loss at `trainable`, by double backprop (no Hessian is
     built)."""
     with tf.GradientTape() as outer:
@@ -113,7 +106,7 @@ def hessian_vector_product(model, problem: str, trainable, non_trainable, batch,
         with tf.GradientTape() as inner:
             inner.watch(trainable)
             loss = losses.model_loss(
-                model, problem, (trainable, non_trainable), batch["x"], batch["y"], batch["mask"]
+                model, (trainable, non_trainable), batch["x"], batch["y"], batch["mask"]
             )
         grads = inner.gradient(loss, trainable)
         dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(v)) for g, v in zip(grads, vector)])

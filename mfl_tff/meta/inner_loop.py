@@ -7,25 +7,23 @@ import tensorflow as tf
 from mfl_tff.meta import losses
 
 
-def batch_gradient(model, problem: str, trainable, non_trainable, batch):
+def batch_gradient(model, trainable, non_trainable, batch):
     """Gradient of the masked mean batch loss w.r.t. `trainable`."""
     with tf.GradientTape() as tape:
         tape.watch(trainable)
         loss = losses.model_loss(
-            model, problem, (trainable, non_trainable), batch["x"], batch["y"], batch["mask"]
+            model, (trainable, non_trainable), batch["x"], batch["y"], batch["mask"]
         )
     return tape.gradient(loss, trainable)
 
 
-def sgd_step(
-    model, problem: str, trainable, non_trainable, batch, step_sizes, *, first_order: bool = False
-):
+def sgd_step(model, trainable, non_trainable, batch, step_sizes, *, first_order: bool = False):
     """One SGD step on a packed batch; `step_sizes` is a scalar or a structure like `trainable`.
 
     Differentiable in `trainable` and `step_sizes`, which is what exact second-order
     meta-gradients need; `first_order` stops the gradient through the batch gradient (FOMAML).
     """
-    grads = batch_gradient(model, problem, trainable, non_trainable, batch)
+    grads = batch_gradient(model, trainable, non_trainable, batch)
     if first_order:
         grads = tf.nest.map_structure(tf.stop_gradient, grads)
     if not tf.nest.is_nested(step_sizes):
@@ -40,24 +38,36 @@ def concat_parts(data) -> dict:
     }
 
 
-def local_sgd(model, problem: str, weights, batches, step_sizes, epochs: int):
+def local_sgd(model, weights, batches, step_sizes, epochs: int, *, proximal_strength: float = 0.0):
     """`epochs` passes of SGD over packed `batches`, skipping all-padding batches.
 
     Skipping (rather than taking a zero-gradient step) keeps the step count equal to that of TFF's
     dataset loop, which only sees real batches; it matters for optimizers with state.
 
+    With `proximal_strength` mu > 0 each step descends f(w) + mu/2 ||w - w_0||^2 from the
+    starting weights w_0 (FedProx, arXiv 1812.06127), as TFF's FedProx client does.
+
     Returns:
       The trained trainable weights.
     """
     trainable, non_trainable = weights
+    start = tuple(trainable)
     num_batches = tf.shape(batches["mask"])[0]
+
+    def step(current, batch):
+        if not proximal_strength:
+            return sgd_step(model, current, non_trainable, batch, step_sizes)
+        grads = batch_gradient(model, current, non_trainable, batch)
+        rates = step_sizes if tf.nest.is_nested(step_sizes) else [step_sizes] * len(current)
+        return tuple(
+            w - a * (g + proximal_strength * (w - w0))
+            for w, g, w0, a in zip(current, grads, start, rates)
+        )
 
     def body(i, current):
         batch = {k: v[i % num_batches] for k, v in batches.items()}
         return i + 1, tf.cond(
-            tf.reduce_sum(batch["mask"]) > 0,
-            lambda: sgd_step(model, problem, current, non_trainable, batch, step_sizes),
-            lambda: current,
+            tf.reduce_sum(batch["mask"]) > 0, lambda: step(current, batch), lambda: current
         )
 
     _, trainable = tf.while_loop(

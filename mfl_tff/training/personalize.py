@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from mfl_tff.algorithms import builders, meta_composer
+from mfl_tff.algorithms import builders, composer
 from mfl_tff.evaluation import personalization, summaries
 
 
@@ -22,8 +22,7 @@ def _eval_computation(task, alpha: tuple, max_steps: int, fine_tune_lr: float, g
         cache[key] = personalization.build_personalization_eval(
             task.model_fn,
             task.client_data_type("eval"),
-            meta_composer.alpha_type_of(alpha),
-            problem=task.problem,
+            composer.meta_type_of(alpha),
             max_steps=max_steps,
             fine_tune_lr=fine_tune_lr,
             guard_after=guard_after,

@@ -1,4 +1,10 @@
-"""Pieces shared by every algorithm's client work: types, the client result, input checks."""
+"""Client work: the client result every client function returns, and TFF processes around it.
+
+A client function is plain TensorFlow over one packed client. `build_client_computation` wraps it
+in a `tff.tensorflow.computation` (under `tf.vectorized_map` for client cohorts) and
+`build_client_work` in a `tff.templates.MeasuredProcess` whose `next` maps it over CLIENTS and
+returns a `tff.learning.templates.ClientResult` with the clients' metrics summed in one intrinsic.
+"""
 
 from __future__ import annotations
 
@@ -135,7 +141,6 @@ def build_client_computation(
     if cohort_size is None:
         data_type = client_data_type
     else:
-        check_positive_int("cohort_size", cohort_size)
         data_type = cohorts.stacked_type(client_data_type, cohort_size)
 
     def run(server_args, data):
@@ -143,7 +148,7 @@ def build_client_computation(
             return client_fn(*server_args, data)
         return cohorts.map_cohort(client_fn, server_args, data)
 
-    # TFF computations take no *args, so the two arities our algorithms use are spelled out.
+    # TFF computations take no *args, so the two arities the phases use are spelled out.
     if len(server_arg_types) == 1:
 
         @tff.tensorflow.computation(server_arg_types[0], data_type)
@@ -163,75 +168,46 @@ def build_client_computation(
 
 def build_client_work(
     client_fn: Callable,
-    weights_type: tff.Type,
+    server_arg_types: Sequence[tff.Type],
     client_data_type: tff.Type,
     *,
     cohort_size: Optional[int] = None,
 ) -> tff.templates.MeasuredProcess:
-    """A packed client work process running `client_fn(weights, data) -> client_output(...)` on
-    every client (or cohort), with stateless server state and `federated_client_metrics`."""
+    """A packed client work process: `client_fn` on every client (or cohort).
+
+    `next(state@SERVER, *server_args@CLIENTS, data@CLIENTS)` (one server argument, the model
+    weights, or two, the weights and the meta-parameters) returns a
+    `tff.learning.templates.ClientResult(update, update_weight)` at CLIENTS and
+    `federated_client_metrics` at SERVER; the state is empty.
+    """
     client_update = build_client_computation(
-        client_fn, (weights_type,), client_data_type, cohort_size=cohort_size
+        client_fn, server_arg_types, client_data_type, cohort_size=cohort_size
     )
-    data_type = client_update.type_signature.parameter[1]
+    data_type = client_update.type_signature.parameter[len(server_arg_types)]
 
     @tff.federated_computation()
     def init_fn():
         return tff.federated_value((), tff.SERVER)
 
-    @tff.federated_computation(
-        init_fn.type_signature.result,
-        tff.FederatedType(weights_type, tff.CLIENTS),
-        tff.FederatedType(data_type, tff.CLIENTS),
-    )
-    def next_fn(state, weights, data):
-        out = tff.federated_map(client_update, (weights, data))
+    def output(state, out):
         result = tff.federated_zip(
             tff.learning.templates.ClientResult(update=out.update, update_weight=out.update_weight)
         )
         return tff.templates.MeasuredProcessOutput(state, result, federated_client_metrics(out))
 
+    state_type = init_fn.type_signature.result
+    placed = [tff.FederatedType(t, tff.CLIENTS) for t in server_arg_types]
+    data_at_clients = tff.FederatedType(data_type, tff.CLIENTS)
+    if len(server_arg_types) == 1:
+
+        @tff.federated_computation(state_type, placed[0], data_at_clients)
+        def next_fn(state, weights, data):
+            return output(state, tff.federated_map(client_update, (weights, data)))
+
+    else:
+
+        @tff.federated_computation(state_type, placed[0], placed[1], data_at_clients)
+        def next_fn(state, weights, meta_params, data):
+            return output(state, tff.federated_map(client_update, (weights, meta_params, data)))
+
     return tff.templates.MeasuredProcess(init_fn, next_fn)
-
-
-def check_positive_rate(name: str, value: float) -> None:
-    """Raises ValueError unless `value` is a finite number > 0."""
-    is_real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool
-    )
-    if not is_real or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-
-
-def check_optimizer(name: str, optimizer) -> None:
-    """Raises TypeError unless `optimizer` is a `tff.learning.optimizers.Optimizer`."""
-    if not isinstance(optimizer, tff.learning.optimizers.Optimizer):
-        raise TypeError(
-            f"{name} must be a tff.learning.optimizers.Optimizer (e.g. "
-            f"tff.learning.optimizers.build_adam(1e-3)), got {type(optimizer).__name__}."
-        )
-
-
-def check_aggregator(name: str, factory) -> None:
-    """Raises TypeError unless `factory` is a `tff.aggregators` factory, weighted or unweighted
-    (unweighted ones, such as `tff.aggregators.DifferentiallyPrivateFactory`, count every client
-    the same; see `mfl_tff.algorithms.composers.create_aggregator`)."""
-    kinds = (
-        tff.aggregators.WeightedAggregationFactory,
-        tff.aggregators.UnweightedAggregationFactory,
-    )
-    if not isinstance(factory, kinds):
-        what = (
-            f"the class {factory.__name__}" if isinstance(factory, type) else type(factory).__name__
-        )
-        raise TypeError(
-            f"{name} must be a tff.aggregators.WeightedAggregationFactory or "
-            "UnweightedAggregationFactory instance (e.g. tff.aggregators.MeanFactory()), got "
-            f"{what}."
-        )
-
-
-def check_positive_int(name: str, value: int) -> None:
-    """Raises ValueError unless `value` is an int >= 1."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -1,0 +1,202 @@
+"""What an algorithm is: a small record of client phases and defaults, and the options it reads.
+
+An algorithm module (fedavg, fedmeta, per_fedavg, meta_sgd, mfl, fedprox) exports its client
+functions and one `Algorithm` record per variant; `mfl_tff.algorithms.registry` maps names to
+records and `mfl_tff.algorithms.composer.compose` turns any record into a
+`tff.learning.templates.LearningProcess`. A round is the record's phases in order:
+
+    phase = ClientPhase(name, client_fn, streams)
+    client_fn(model_weights, [meta_parameters,] packed_client) -> client_work.client_output(...)
+
+Each phase's clients return updates for one or both of the server's streams: `model` (aggregated,
+then applied to theta by the model optimizer, TFF's `build_apply_optimizer_finalizer`) and `meta`
+(aggregated, then applied to the meta-parameters alpha by the meta optimizer, in a finalizer whose
+state holds alpha). A later phase sees the meta-parameters that earlier phases stepped: that is
+the two-phase MFL round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+import numpy as np
+import tensorflow_federated as tff
+
+from mfl_tff.algorithms import checks
+
+STREAMS = ("model", "meta")
+OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
+OptimizerChoice = Union[str, tff.learning.optimizers.Optimizer]
+
+
+def build_optimizer(name: str, learning_rate: float) -> tff.learning.optimizers.Optimizer:
+    """A `tff.learning.optimizers.Optimizer` by name: sgd, sgdm (momentum 0.9), adam, adagrad,
+    yogi. A learning rate of 0 freezes what it steps (an ablation)."""
+    rate = float(learning_rate)
+    if not np.isfinite(rate) or rate < 0:
+        raise ValueError(f"learning rate must be a finite number >= 0, got {learning_rate!r}.")
+    builders = {
+        "sgd": lambda: tff.learning.optimizers.build_sgdm(learning_rate=rate),
+        "sgdm": lambda: tff.learning.optimizers.build_sgdm(learning_rate=rate, momentum=0.9),
+        "adam": lambda: tff.learning.optimizers.build_adam(learning_rate=rate),
+        "adagrad": lambda: tff.learning.optimizers.build_adagrad(learning_rate=rate),
+        "yogi": lambda: tff.learning.optimizers.build_yogi(learning_rate=rate),
+    }
+    if name not in builders:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
+    return builders[name]()
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmOptions:
+    """Options shared by every algorithm (each reads the ones that apply to it).
+
+    Attributes:
+      inner_lr: The clients' base step size. It is FedAvg's (and FedProx's) local SGD rate,
+        MAML's/FOMAML's/Reptile's fixed inner-loop rate, the INITIAL value of the learned rates
+        alpha of mfl and meta_sgd, and Per-FedAvg's alpha. Held-out fine-tuning takes its rate
+        from the training program, by default this one.
+      inner_steps: K, inner steps (local steps for reptile and Per-FedAvg).
+      local_epochs: E, epochs of FedAvg, FedProx and mfl's `local` adaptive update.
+      meta_optimizer, meta_lr: The optimizer of the META-OBJECTIVE at the server, by name or as a
+        `tff.learning.optimizers.Optimizer`. It steps theta for maml, fomaml and meta_sgd (whose
+        theta update is a meta-gradient), and the rates alpha for meta_sgd and mfl.
+      server_optimizer, server_lr: The optimizer applying model updates for the algorithms whose
+        clients return a model delta or (mfl) an adaptive update: fedavg, fedprox, reptile (its
+        rate is Reptile's epsilon), Per-FedAvg, and mfl's theta. None: the algorithm's default.
+      outer_lr: Per-FedAvg's beta.
+      alpha_granularity, adaptive_update, adaptive_data, first_order, min_alpha: mfl's options.
+      proximal_strength: FedProx's mu.
+      model_aggregator, meta_aggregator: `tff.aggregators` factories, weighted or unweighted,
+        for the model updates and the alpha meta-gradients (None: weighted mean);
+        `mfl_tff.algorithms.aggregation.build_aggregators` makes the DP and robust ones.
+      cohort_size: Clients stacked per federated client (`mfl_tff.algorithms.cohorts`); feed
+        the process `cohorts.make_cohorts(clients, cohort_size)`. None: one client each. Only
+        with mean aggregation: any other aggregator would see cohorts, not clients.
+    """
+
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    local_epochs: int = 1
+    meta_optimizer: OptimizerChoice = "adam"
+    meta_lr: float = 1e-3
+    server_optimizer: Optional[OptimizerChoice] = None
+    server_lr: Optional[float] = None
+    outer_lr: float = 0.01
+    alpha_granularity: str = "per_layer"
+    adaptive_update: str = "meta"
+    adaptive_data: str = "support"
+    first_order: bool = False
+    min_alpha: float = 1e-6
+    proximal_strength: float = 0.01
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None
+    meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None
+    cohort_size: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientPhase:
+    """One pass over the round's clients.
+
+    Attributes:
+      name: '' for a one-phase algorithm (its metrics are `client_work`), else a prefix
+        (`meta` -> `meta_client_work`).
+      client_fn: `client_fn(model_weights, data)`, or `client_fn(model_weights, meta, data)`
+        when `takes_meta`; plain TensorFlow returning `client_work.client_output(...)`.
+      streams: What the update feeds: ('model',), ('meta',) or ('model', 'meta'); with both, the
+        update is `OrderedDict(model=..., meta=...)`.
+      takes_meta: Whether the clients receive the current meta-parameters.
+    """
+
+    name: str
+    client_fn: Callable
+    streams: tuple[str, ...] = ("model",)
+    takes_meta: bool = False
+
+    def __post_init__(self):
+        if not self.streams or any(s not in STREAMS for s in self.streams):
+            raise ValueError(
+                f"streams must be a non-empty subset of {STREAMS}, got {self.streams}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """An algorithm as the composer builds it.
+
+    Attributes:
+      name: Registry name.
+      paper: Title and arXiv id, for documentation.
+      phases: `phases(model, options) -> tuple[ClientPhase, ...]`, the round's client passes.
+      model_optimizer: Which options step theta: 'server' (`server_optimizer`/`server_lr`) or
+        'meta' (`meta_optimizer`/`meta_lr`, for algorithms whose theta update is a
+        meta-gradient).
+      default_server_optimizer: `(name, learning_rate)` when `options.server_optimizer` is None,
+        or a function of the options returning it.
+      initial_meta: `initial_meta(model, options) -> tuple of arrays`: the learned
+        meta-parameters' starting value (None: the algorithm learns only theta).
+      min_meta: `min_meta(options)`: the bound alpha is projected onto after each meta step
+        (None: unconstrained).
+      check: `check(options)` raises ValueError naming a bad option (before anything is built).
+    """
+
+    name: str
+    paper: str
+    phases: Callable[[Any, AlgorithmOptions], tuple[ClientPhase, ...]]
+    model_optimizer: str = "server"
+    default_server_optimizer: Union[tuple[str, float], Callable[[AlgorithmOptions], tuple]] = (
+        "sgd",
+        1.0,
+    )
+    initial_meta: Optional[Callable[[Any, AlgorithmOptions], tuple]] = None
+    min_meta: Optional[Callable[[AlgorithmOptions], Optional[float]]] = None
+    check: Callable[[AlgorithmOptions], None] = lambda options: None
+
+    @property
+    def learns_meta(self) -> bool:
+        """Whether the algorithm learns meta-parameters (alpha) next to theta."""
+        return self.initial_meta is not None
+
+    def optimizer(
+        self, stream: str, options: AlgorithmOptions
+    ) -> tff.learning.optimizers.Optimizer:
+        """The optimizer of `stream` ('model' or 'meta') under `options`."""
+        if stream == "meta" or self.model_optimizer == "meta":
+            option, choice, rate = "meta_optimizer", options.meta_optimizer, options.meta_lr
+        else:
+            option = "server_optimizer"
+            default = self.default_server_optimizer
+            if callable(default):
+                default = default(options)
+            choice = options.server_optimizer or default[0]
+            rate = options.server_lr if options.server_lr is not None else default[1]
+        if isinstance(choice, str):
+            return build_optimizer(choice, rate)
+        checks.check_optimizer(option, choice)
+        return choice
+
+
+def check_common(options: AlgorithmOptions) -> None:
+    """The checks every algorithm shares: step counts, rates, cohorts."""
+    checks.check_positive_int("inner_steps", options.inner_steps)
+    checks.check_positive_int("local_epochs", options.local_epochs)
+    checks.check_positive_rate("inner_lr", options.inner_lr)
+    if options.cohort_size is not None:
+        checks.check_positive_int("cohort_size", options.cohort_size)
+    for name in ("model_aggregator", "meta_aggregator"):
+        factory = getattr(options, name)
+        if factory is not None:
+            checks.check_aggregator(name, factory)
+        # Cohorts reduce their clients to one weighted mean before aggregation, which only a
+        # plain weighted mean of the cohorts undoes; clipping, zeroing or noise would apply to
+        # cohorts.
+        if options.cohort_size is not None and factory is not None:
+            if type(factory) is not tff.aggregators.MeanFactory:
+                raise ValueError(
+                    f"cohort_size={options.cohort_size} stacks clients into one federated client, "
+                    f"so {name} ({type(factory).__name__}) would clip, zero or weigh cohorts "
+                    "instead of clients; use cohort_size=None with per-client (DP, robust) "
+                    "aggregators."
+                )
