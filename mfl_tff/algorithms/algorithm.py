@@ -1,8 +1,8 @@
 """What an algorithm is: a small record of client phases and defaults, and the options it reads.
 
 An algorithm module (fedavg, fedmeta, per_fedavg, meta_sgd, mfl, fedprox) exports its client
-functions and one `Algorithm` record per variant; `mfl_tff.algorithms.registry` maps names to
-records and `mfl_tff.algorithms.composer.compose` turns any record into a
+functions and one `Algorithm` record per variant; `mfl_tff.algorithms.catalog` (the algorithm
+registry) maps names to records and `mfl_tff.algorithms.composer.compose` turns any record into a
 `tff.learning.templates.LearningProcess`. A round is the record's phases in order:
 
     phase = ClientPhase(name, client_fn, streams)

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import cohorts, composer, registry
+from mfl_tff.algorithms import catalog, cohorts, composer
 from mfl_tff.algorithms.algorithm import OPTIMIZERS, AlgorithmOptions, build_optimizer
 
 __all__ = [
@@ -30,9 +30,9 @@ __all__ = [
     "evaluation_alpha",
 ]
 
-ALGORITHMS = registry.names()
+ALGORITHMS = catalog.names()
 # The algorithms that learn rates alpha next to the model (and aggregate alpha meta-gradients).
-LEARNS_ALPHA = tuple(name for name in ALGORITHMS if registry.get(name).learns_meta)
+LEARNS_ALPHA = tuple(name for name in ALGORITHMS if catalog.get(name).learns_meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def build_algorithm(
       ValueError: For an unknown algorithm (the message lists the choices) or a bad option.
       TypeError: For an optimizer or aggregator of the wrong kind.
     """
-    record = registry.get(name)
+    record = catalog.get(name)
     options = options or AlgorithmOptions()
     process = composer.compose(record, task.model_fn, task.client_data_type(), options)
     spec = AlgorithmSpec(

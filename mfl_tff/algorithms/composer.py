@@ -1,4 +1,4 @@
-"""One composer for every algorithm: an `Algorithm` record -> `tff.learning.templates.LearningProcess`.
+"""One composer for every algorithm: `Algorithm` record -> `tff.learning.templates.LearningProcess`.
 
 TFF's `compose_learning_process` and `ClientWorkProcess` require client data to be `tf.data`
 sequences; ours is packed tensors (see `mfl_tff.data.packing` for why), so this module composes the
@@ -157,7 +157,7 @@ def compose(
     """Builds `algorithm` as a LearningProcess over packed clients of `client_data_type`.
 
     Args:
-      algorithm: The record (`mfl_tff.algorithms.registry.get(name)`).
+      algorithm: The record (`mfl_tff.algorithms.catalog.get(name)`).
       model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel` (its own
         `loss` and metric are what clients train and report).
       client_data_type: TFF type of one packed client (`FederatedTask.client_data_type()`).
@@ -210,7 +210,11 @@ def compose(
         )
         for phase in phases
     )
-    data_type = works[0].next.type_signature.parameter[len(works[0].next.type_signature.parameter) - 1].member
+    data_type = (
+        works[0]
+        .next.type_signature.parameter[len(works[0].next.type_signature.parameter) - 1]
+        .member
+    )
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
     initial_weights_fn = initial_model_weights_computation(model)
 

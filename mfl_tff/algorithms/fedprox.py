@@ -4,7 +4,7 @@ Optimization in Heterogeneous Networks", arXiv 1812.06127).
 Each client runs local SGD on f(w) + mu/2 ||w - w_global||^2, which bounds how far heterogeneous
 clients drift within a round; the server averages the deltas as FedAvg does. This module is also
 the README's example of adding an algorithm: a client function (here FedAvg's, with the proximal
-term switched on), one `Algorithm` record, and one line in `mfl_tff.algorithms.registry`. It is
+term switched on), one `Algorithm` record, and one line in `mfl_tff.algorithms.catalog`. It is
 tested equal to TFF's own `tff.learning.algorithms.build_weighted_fed_prox`.
 """
 

@@ -1,11 +1,11 @@
-"""Algorithms by name: one line per algorithm.
+"""The algorithm registry: names -> `Algorithm` records, one line per algorithm.
 
-    record = registry.get("mfl")
+    record = catalog.get("mfl")
     process = composer.compose(record, task.model_fn, task.client_data_type(), options)
 
 A new algorithm is one module exporting an `Algorithm` record (its client functions, defaults and
 checks; see `mfl_tff.algorithms.fedprox` for a short one) plus one line below, or a call to
-`register` from the user's own code.
+`catalog.register` from the user's own code.
 """
 
 from __future__ import annotations
