@@ -83,8 +83,16 @@ def _builder(name: str) -> TaskBuilder:
 
 
 def _ensure_builtins() -> None:
-    # Imported lazily so that importing the registry does not build every task's module graph.
-    from mfl_tff.data import builtin_tasks  # noqa: F401
+    """Adds the built-in tasks to the registry, leaving any name a user registered first as is.
+
+    Imported lazily, so that importing the registry does not import every task's module and its
+    data libraries (scikit-learn for digits). Merging on every call, rather than once, keeps the
+    registry complete even when `_BUILDERS` is replaced (the tests start from an empty one).
+    """
+    from mfl_tff.data import builtin_tasks
+
+    for name, builder in builtin_tasks.BUILTIN_TASKS.items():
+        _BUILDERS.setdefault(name, builder)
 
 
 def task_from_keras(
@@ -94,6 +102,8 @@ def task_from_keras(
     eval_data: tff.simulation.datasets.ClientData,
     keras_model_fn: Callable[[], tf.keras.Model],
     problem: str,
+    loss: Optional[functional.LossLike] = None,
+    metric: Optional[str] = None,
     batch_size: int = 10,
     support_batches: int = 4,
     query_batches: int = 4,
@@ -107,8 +117,13 @@ def task_from_keras(
       name: Name of the task.
       train_data: Training clients.
       eval_data: Held-out clients (ids disjoint from `train_data`'s).
-      keras_model_fn: Builds an uncompiled Keras model mapping a batch of x to logits/values.
-      problem: 'classification' or 'regression'.
+      keras_model_fn: Builds a Keras model mapping a batch of x to logits/values. If it is
+        compiled, its loss is the training loss (every algorithm meta-trains with it).
+      problem: 'classification' (integer labels; default loss cross-entropy on logits, metric
+        accuracy) or 'regression' (float targets; default loss and metric mean squared error).
+      loss: The training loss, overriding the compiled one: a `tf.keras.losses.Loss`, its name
+        or a function `(y_true, y_pred)`; averaged over real examples, padding excluded.
+      metric: 'accuracy' or 'mse' (None: the problem's).
       batch_size: Examples per packed batch.
       support_batches: Cap on support batches (local steps) per client.
       query_batches: Cap on query batches per client.
@@ -122,7 +137,7 @@ def task_from_keras(
         train_data=train_data,
         eval_data=eval_data,
         model_fn=lambda: functional.functional_model(
-            keras_model_fn, x_shape=x_shape, problem=problem, seed=seed
+            keras_model_fn, x_shape=x_shape, problem=problem, loss=loss, metric=metric, seed=seed
         ),
         problem=problem,
         train_split=packing.SplitSpec(support_size=support_size, support_fraction=support_fraction),

@@ -9,7 +9,13 @@ weight, so padding never counts. Pure TensorFlow: works inside any `tf.function`
 
 from __future__ import annotations
 
+import collections
+
 import tensorflow as tf
+
+# The shape of TFF's `BatchOutput` that metric update functions read (`.predictions`), so that
+# models whose metrics come from `tff.learning.metrics.create_functional_metric_fns` work too.
+BatchOutput = collections.namedtuple("BatchOutput", ["predictions", "loss", "num_examples"])
 
 
 def masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -31,7 +37,8 @@ def model_loss(model, weights, x, y, mask) -> tf.Tensor:
 
 def metric_value(model, predictions, y, mask) -> tf.Tensor:
     """The model's (single) metric of `predictions`, a masked mean over the batch."""
-    state = model.update_metrics_state(model.initialize_metrics_state(), y, predictions, mask)
+    output = BatchOutput(predictions=predictions, loss=None, num_examples=None)
+    state = model.update_metrics_state(model.initialize_metrics_state(), y, output, mask)
     return tf.nest.flatten(model.finalize_metrics(state))[0]
 
 

@@ -99,7 +99,9 @@ def masked_metric_fns(name: str, per_example: Callable[[tf.Tensor, tf.Tensor], t
         return collections.OrderedDict(total=tf.constant(0.0), count=tf.constant(0.0))
 
     def update(state, labels, batch_output, sample_weight=None):
-        values = tf.cast(per_example(batch_output, labels), tf.float32)
+        # TFF's training loops pass a `BatchOutput` (as its Keras metric functions expect).
+        predictions = getattr(batch_output, "predictions", batch_output)
+        values = tf.cast(per_example(predictions, labels), tf.float32)
         weights = (
             tf.ones_like(values) if sample_weight is None else tf.cast(sample_weight, tf.float32)
         )
