@@ -35,9 +35,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from experiments import benchmarking as bm  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
-from mfl_tff.training import benchmarking as bm  # noqa: E402
 from mfl_tff.training import runtime  # noqa: E402
 
 PEER = "peer_fedavg"

@@ -8,9 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from experiments import benchmarking as bm
 from mfl_tff.algorithms import builders
 from mfl_tff.data import digits, packing
-from mfl_tff.training import benchmarking as bm
 
 CLIENTS = 3
 ROUNDS = 2
@@ -39,6 +39,9 @@ def _max_diff(a, b) -> float:
         ("fedavg", builders.AlgorithmOptions(inner_lr=0.1)),
         # Both phases of the round, Adam on theta and on alpha, per-layer alpha.
         ("mfl", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01)),
+        # One phase feeding both streams; a server optimizer on model deltas.
+        ("meta_sgd", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01)),
+        ("reptile", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=2, server_lr=0.5)),
     ],
 )
 def test_floor_round_equals_our_process(task, rounds, name, options):
@@ -57,9 +60,9 @@ def test_floor_round_equals_our_process(task, rounds, name, options):
     floor.close()
 
 
-def test_floor_rejects_algorithms_it_cannot_express(task, rounds):
-    with pytest.raises(ValueError, match="reptile"):
-        bm.TFFloor("reptile", task, builders.AlgorithmOptions(), rounds[0])
+def test_floor_names_the_choices_for_an_unknown_algorithm(task, rounds):
+    with pytest.raises(ValueError, match="choose one of: fedavg"):
+        bm.TFFloor("no_such_algorithm", task, builders.AlgorithmOptions(), rounds[0])
 
 
 def test_peer_dataset_has_one_batch_per_real_packed_batch(rounds):

@@ -1,5 +1,5 @@
-"""Performance measurement: TFF's own FedAvg (the peer), the plain-TensorFlow floor, round timing,
-scaling fits and process memory. Used by `experiments/benchmark.py`; reads no flags.
+"""Performance measurement for `experiments/benchmark.py`: TFF's own FedAvg (the peer), the
+plain-TensorFlow floor, round timing, scaling fits, process memory, targets and report tables.
 
 Three ways to run the same round on the same packed clients:
 
@@ -8,9 +8,10 @@ Three ways to run the same round on the same packed clients:
 * the peer: `tff.learning.algorithms.build_weighted_fed_avg` with the same FunctionalModel, fed
   each client as a `tf.data.Dataset` of the same real batches (support, then query), as TFF users
   do; one SGD step per batch, so its local steps equal our FedAvg's;
-* the floor (`TFFloor`): the same client math for all clients at once in one plain-TensorFlow
-  graph (`tf.vectorized_map` over the stacked clients, weighted mean, the server optimizer), with
-  no TFF runtime, executed by a `tf.compat.v1.Session`: the cost of the arithmetic itself.
+* the floor (`TFFloor`): the algorithm's own client functions for all clients at once in one
+  plain-TensorFlow graph (`tf.vectorized_map` over the stacked clients, weighted mean, the same
+  optimizers), with no TFF runtime, executed by a `tf.compat.v1.Session`: the cost of the
+  arithmetic itself.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import psutil
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import builders
+from mfl_tff.algorithms import builders, catalog
 from mfl_tff.data import packing
-from mfl_tff.meta import gradients, hparams, inner_loop
+from mfl_tff.meta import hparams
+from mfl_tff.training import rounds
 
-# Algorithms whose round `TFFloor` can express.
-FLOOR_ALGORITHMS = ("fedavg", "maml", "fomaml", "meta_sgd", "mfl")
+# Every registered algorithm has a floor: it composes the algorithm's own client functions.
+FLOOR_ALGORITHMS = catalog.names()
 
 
 def machine_info() -> dict:
@@ -114,9 +116,10 @@ def rss_mb(pid: Optional[int] = None) -> float:
 
 def pack_rounds(task, clients_per_round: int, num_rounds: int) -> list[list]:
     """The packed clients of rounds 1..num_rounds, sampled and split as the training program
-    does (`task.sample_train_ids`, `task.train_clients(ids, round_num)`)."""
+    does (`mfl_tff.training.rounds`); cohorts are stacked later, the floor and the peer take
+    clients."""
     return [
-        task.train_clients(task.sample_train_ids(clients_per_round, r), r)
+        task.train_clients(rounds.round_client_ids(task, clients_per_round, r), r)
         for r in range(1, num_rounds + 1)
     ]
 
@@ -185,150 +188,84 @@ def _weighted_mean(values, weights):
 
 
 class TFFloor:
-    """One round of algorithm `name` for all clients at once, in one plain-TensorFlow graph.
+    """One round of an algorithm for all clients at once, in one plain-TensorFlow graph.
 
-    The clients of a round are stacked along a new axis and the per-client math (the same
-    `mfl_tff.meta` functions our client works call) runs under `tf.vectorized_map`; the updates
-    are averaged with the clients' weights and the same server optimizer steps the state, kept in
-    variables. No TFF runtime is involved: a `tf.compat.v1.Session` runs the graph (TFF's Keras
-    FunctionalModel only runs in a graph context). Skipped, because they are not arithmetic:
-    non-finite client rejection and metrics.
+    It composes the algorithm's own record (`mfl_tff.algorithms.catalog`): the clients of a round
+    are stacked along a new axis and each phase's client function runs under
+    `tf.vectorized_map`; the updates are averaged with the clients' weights and the record's own
+    optimizers step theta and (for meta-learners) alpha, kept in variables, with alpha projected
+    as the algorithm projects it. The math is the TFF process's math; what is absent is TFF's
+    runtime. A `tf.compat.v1.Session` runs the graph (TFF's Keras FunctionalModel only runs in a
+    graph context).
     """
 
     def __init__(self, name: str, task, options: builders.AlgorithmOptions, example_round):
-        if name not in FLOOR_ALGORITHMS:
-            raise ValueError(f"No floor for {name!r}; floors exist for {FLOOR_ALGORITHMS}.")
-        if name == "mfl" and options.adaptive_update != "meta":
-            raise ValueError("The mfl floor covers adaptive_update='meta' only.")
+        record = catalog.get(name)
         self.name = name
         model = task.model_fn()
-        problem = task.problem
+        phases = record.phases(model, options)
         stacked = packing.stack_clients(example_round)
         self._graph = tf.Graph()
         with self._graph.as_default():
-            trainable = [tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
+            variables = collections.OrderedDict(
+                model=[tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
+            )
             non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
-            shapes = [tuple(np.shape(w)) for w in model.initial_weights[0]]
+            optimizers = collections.OrderedDict(model=record.optimizer("model", options))
+            min_meta = None
+            if record.learns_meta:
+                initial = record.initial_meta(model, options)
+                variables["meta"] = [tf.Variable(np.asarray(a, np.float32)) for a in initial]
+                optimizers["meta"] = record.optimizer("meta", options)
+                min_meta = record.min_meta(options) if record.min_meta else None
             self._data = tf.nest.map_structure(
                 lambda a: tf.compat.v1.placeholder(tf.as_dtype(a.dtype), (None,) + a.shape[1:]),
                 stacked,
             )
-            variables = collections.OrderedDict(theta=trainable)
-            optimizers = collections.OrderedDict()
-            if name == "fedavg":
-                optimizers["theta"] = builders.build_optimizer(
-                    options.server_optimizer or "sgd",
-                    options.server_lr if options.server_lr is not None else 1.0,
-                )
-            elif name in ("maml", "fomaml", "meta_sgd"):
-                optimizers["theta"] = builders.build_optimizer(
-                    options.meta_optimizer, options.meta_lr
-                )
-            else:  # mfl with the `meta` adaptive update
-                optimizers["theta"] = builders.build_optimizer(
-                    options.server_optimizer or "adam",
-                    options.server_lr if options.server_lr is not None else 1e-3,
-                )
-            if name in ("meta_sgd", "mfl"):
-                granularity = "per_coordinate" if name == "meta_sgd" else options.alpha_granularity
-                alpha0 = hparams.initial_alpha(shapes, granularity, options.inner_lr)
-                variables["alpha"] = [tf.Variable(np.asarray(a, np.float32)) for a in alpha0]
-                optimizers["alpha"] = builders.build_optimizer(
-                    options.meta_optimizer, options.meta_lr
-                )
             opt_states = collections.OrderedDict()
             for key, optimizer in optimizers.items():
                 specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables[key])
-                initial = optimizer.initialize(specs)
-                opt_states[key] = tf.nest.map_structure(
-                    lambda t: tf.Variable(t), tf.nest.map_structure(tf.convert_to_tensor, initial)
+                initial_state = tf.nest.map_structure(
+                    tf.convert_to_tensor, optimizer.initialize(specs)
                 )
+                opt_states[key] = tf.nest.map_structure(tf.Variable, initial_state)
 
             def read(structure):
                 return tf.nest.map_structure(
                     lambda v: v.read_value() if isinstance(v, tf.Variable) else v, structure
                 )
 
-            def step(key, value_grads):
-                new_state, new_values = optimizers[key].next(
-                    read(opt_states[key]), tuple(read(variables[key])), tuple(value_grads)
-                )
-                if key == "alpha" and name == "mfl":
-                    new_values = hparams.project_positive(new_values, 1e-6)
-                assigns = [v.assign(n) for v, n in zip(variables[key], new_values)]
-                assigns += [
-                    v.assign(n)
-                    for v, n in zip(tf.nest.flatten(opt_states[key]), tf.nest.flatten(new_state))
-                ]
-                return new_values, assigns
-
             def round_fn(data):
-                theta = tuple(read(trainable))
-                weights = (theta, non_trainable)
-                if name == "fedavg":
-                    lr = tf.constant(options.inner_lr, tf.float32)
-
-                    def client(d):
-                        batches = inner_loop.concat_parts(d)
-                        trained = inner_loop.local_sgd(
-                            model, problem, weights, batches, lr, options.local_epochs
+                values = {key: tuple(read(vs)) for key, vs in variables.items()}
+                new_opt_states = {key: read(state) for key, state in opt_states.items()}
+                for phase in phases:
+                    weights = tff.learning.models.ModelWeights(values["model"], non_trainable)
+                    args = (weights, values["meta"]) if phase.takes_meta else (weights,)
+                    out = tf.vectorized_map(
+                        lambda client, args=args, phase=phase: phase.client_fn(*args, client),
+                        data,
+                        fallback_to_while_loop=True,
+                    )
+                    for stream in phase.streams:
+                        update = out["update"]
+                        if len(phase.streams) > 1:
+                            update = update[stream]
+                        mean = _weighted_mean(tuple(update), out["update_weight"])
+                        new_opt_states[stream], stepped = optimizers[stream].next(
+                            new_opt_states[stream], values[stream], mean
                         )
-                        delta = [w - t for w, t in zip(theta, trained)]
-                        return delta, tf.reduce_sum(batches["mask"])
-
-                    deltas, counts = tf.vectorized_map(client, data, fallback_to_while_loop=True)
-                    _, assigns = step("theta", _weighted_mean(deltas, counts))
-                    return assigns
-                if name in ("maml", "fomaml", "meta_sgd"):
-                    if name == "meta_sgd":
-                        alpha = tuple(read(variables["alpha"]))
-                    else:
-                        alpha = (tf.constant(options.inner_lr, tf.float32),)
-
-                    def client(d):
-                        g_theta, g_alpha, *_ = gradients.meta_gradients(
-                            model,
-                            problem,
-                            weights,
-                            d,
-                            alpha,
-                            options.inner_steps,
-                            first_order=name == "fomaml",
+                        if stream == "meta" and min_meta is not None:
+                            stepped = hparams.project_positive(stepped, min_meta)
+                        values[stream] = tuple(stepped)
+                assigns = []
+                for key, vs in variables.items():
+                    assigns += [v.assign(n) for v, n in zip(vs, values[key])]
+                    assigns += [
+                        v.assign(n)
+                        for v, n in zip(
+                            tf.nest.flatten(opt_states[key]), tf.nest.flatten(new_opt_states[key])
                         )
-                        out = [list(g_theta)]
-                        if name == "meta_sgd":
-                            out.append(list(g_alpha))
-                        return out, tf.reduce_sum(d["query"]["mask"])
-
-                    grads, counts = tf.vectorized_map(client, data, fallback_to_while_loop=True)
-                    mean = _weighted_mean(grads, counts)
-                    _, assigns = step("theta", mean[0])
-                    if name == "meta_sgd":
-                        assigns += step("alpha", mean[1])[1]
-                    return assigns
-                # mfl: phase 1 meta-gradient of alpha, alpha step; phase 2 theta with new alpha.
-                alpha = tuple(read(variables["alpha"]))
-
-                def phase(alpha_value, which):
-                    def client(d):
-                        g_theta, g_alpha, *_ = gradients.meta_gradients(
-                            model,
-                            problem,
-                            weights,
-                            d,
-                            alpha_value,
-                            options.inner_steps,
-                            first_order=options.first_order,
-                        )
-                        g = g_alpha if which == "alpha" else g_theta
-                        return list(g), tf.reduce_sum(d["query"]["mask"])
-
-                    grads, counts = tf.vectorized_map(client, data, fallback_to_while_loop=True)
-                    return _weighted_mean(grads, counts)
-
-                new_alpha, assigns = step("alpha", phase(alpha, "alpha"))
-                with tf.control_dependencies(assigns):
-                    assigns += step("theta", phase(tuple(new_alpha), "theta"))[1]
+                    ]
                 return assigns
 
             def run(data):
@@ -354,7 +291,7 @@ class TFFloor:
 
     def weights(self) -> list[np.ndarray]:
         """Current trainable weights (theta)."""
-        return self._session.run(self._variables["theta"])
+        return self._session.run(self._variables["model"])
 
     def close(self) -> None:
         self._session.close()
