@@ -48,7 +48,7 @@ def personalization_report(
     own_steps: int,
     fine_tune_steps: int,
 ) -> dict:
-    """The `personalization.json` document (DESIGN.md "Contracts"), plus the fine-tuning baseline.
+    """The `personalization.json` document (docs/architecture.md), plus the fine-tuning baseline.
 
     Top-level `before_adaptation`, `after_adaptation` and `steps_curve` are the algorithm's own rule
     (learned rates at their trained step count, or fine-tuning); `fine_tune` holds the shared

@@ -1,6 +1,6 @@
 """An experiment's output files: where they go, checks that write nothing, atomic writes.
 
-One experiment writes (DESIGN.md "Contracts"), under `ROOT = root_output_dir`:
+One experiment writes (docs/architecture.md, "File contracts"), under `ROOT = root_output_dir`:
 
 * `ROOT/results/E/experiment.metrics.csv`: metrics per round (`mfl_tff.training.program`).
 * `ROOT/results/E/hparams.csv`: the run's settings, one column each (`write_hparams`).
@@ -39,7 +39,7 @@ class OutputDirError(ProgramError):
 
 @dataclasses.dataclass(frozen=True)
 class OutputPaths:
-    """Where one experiment's files go (DESIGN.md "Contracts")."""
+    """Where one experiment's files go (docs/architecture.md, "File contracts")."""
 
     root_output_dir: str
     experiment_name: str
