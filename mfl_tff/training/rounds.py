@@ -9,14 +9,22 @@ and quality binaries, the benchmark and the tutorials), so a round means the sam
     output = process.next(state, values)
 
 Because each step is a function of (seed, R), `(R, state)` is all a run needs to resume exactly.
+
+Several rounds per TFF call: `MultiRound(process, rounds_per_call)` is ONE federated computation
+that runs R rounds back to back (R copies of `process.next`, each on its own round's clients), so
+the driver pays TFF's fixed per-call cost (argument serialization, the call itself) once per R
+rounds. Slot i of its CLIENTS argument holds the i-th client value of each of the R rounds,
+stacked along a new leading axis. Its result equals R separate calls (`tests/rounds_test.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 
 
@@ -73,6 +81,75 @@ def run_round(
     return RoundResult(round_num, output.state, output.metrics, ids)
 
 
+class MultiRound:
+    """`rounds_per_call` rounds of `process` as one federated computation.
+
+    Attributes:
+      rounds_per_call: R, the rounds one call runs.
+      computation: `(state@SERVER, stacked@CLIENTS) -> (state@SERVER, (metrics_1, ..., metrics_R))`.
+    """
+
+    def __init__(self, process: tff.learning.templates.LearningProcess, rounds_per_call: int):
+        if not isinstance(rounds_per_call, int) or rounds_per_call < 1:
+            raise ValueError(f"rounds_per_call must be an int >= 1, got {rounds_per_call!r}.")
+        self.rounds_per_call = rounds_per_call
+        state_type, data_type = process.next.type_signature.parameter
+        member = data_type.member
+        specs = tff.types.type_to_tf_tensor_specs(member)
+        stacked = tff.types.tensorflow_to_type(
+            tf.nest.map_structure(
+                lambda s: tf.TensorSpec([rounds_per_call] + s.shape.as_list(), s.dtype), specs
+            )
+        )
+
+        def take(r):
+            @tff.tensorflow.computation(stacked)
+            def round_slice(values):
+                return tf.nest.map_structure(lambda t: t[r], values)
+
+            return round_slice
+
+        slices = [take(r) for r in range(rounds_per_call)]
+
+        @tff.federated_computation(state_type, tff.FederatedType(stacked, tff.CLIENTS))
+        def next_rounds(state, values):
+            metrics = []
+            for round_slice in slices:
+                output = process.next(state, tff.federated_map(round_slice, values))
+                state = output.state
+                metrics.append(output.metrics)
+            return state, tuple(metrics)
+
+        self.computation = next_rounds
+
+    def __call__(self, state: Any, round_values: Sequence[list]) -> tuple[Any, list]:
+        """Runs the rounds whose `process.next` values are `round_values` (R lists, equal length).
+
+        Returns:
+          The state after the last round and the list of the R rounds' metrics.
+        """
+        if len(round_values) != self.rounds_per_call:
+            raise ValueError(f"Expected {self.rounds_per_call} rounds, got {len(round_values)}.")
+        slots = [
+            tf.nest.map_structure(lambda *a: np.stack(a), *per_round)
+            for per_round in zip(*round_values)
+        ]
+        state, metrics = self.computation(state, slots)
+        return state, list(metrics)
+
+
+def _chunks(rounds: Sequence[int], size: int, boundary: Optional[Callable[[int], bool]]):
+    """Consecutive runs of at most `size` rounds, each ending at or before every `boundary`."""
+    chunk: list[int] = []
+    for round_num in rounds:
+        chunk.append(round_num)
+        if len(chunk) == size or (boundary is not None and boundary(round_num)):
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def run_rounds(
     process: tff.learning.templates.LearningProcess,
     spec,
@@ -82,6 +159,8 @@ def run_rounds(
     rounds: Iterable[int],
     state: Optional[Any] = None,
     after_round: Optional[Callable[[RoundResult], None]] = None,
+    multi_round: Optional[MultiRound] = None,
+    state_needed: Optional[Callable[[int], bool]] = None,
 ) -> Any:
     """Trains `rounds` (ascending round numbers) from `state` and returns the final state.
 
@@ -89,16 +168,36 @@ def run_rounds(
       process, spec, task, clients_per_round: As in `run_round`.
       rounds: The rounds to train, e.g. `range(start + 1, total + 1)`.
       state: The state before the first of `rounds` (None: `process.initialize()`).
-      after_round: Called with each round's `RoundResult` (progress, metrics, evaluation).
+      after_round: Called with each round's `RoundResult` (progress, metrics, evaluation). With
+        `multi_round`, the state of a round inside a call is not materialised: its `RoundResult`
+        has `state=None`, except for the last round of each call.
+      multi_round: Run `multi_round.rounds_per_call` rounds per TFF call; a shorter remainder
+        (or a chunk cut by `state_needed`) runs one round per call.
+      state_needed: `state_needed(round_num)` is True for rounds whose state the caller needs
+        (checkpoints, evaluations): a call always ends there.
 
     Returns:
       The state after the last round.
     """
     if state is None:
         state = process.initialize()
-    for round_num in rounds:
-        result = run_round(process, spec, task, state, round_num, clients_per_round)
-        state = result.state
+    size = multi_round.rounds_per_call if multi_round is not None else 1
+    for chunk in _chunks(list(rounds), size, state_needed):
+        ids = [round_client_ids(task, clients_per_round, r) for r in chunk]
+        if len(chunk) == size and size > 1:
+            values = [round_values(task, spec, i, r) for i, r in zip(ids, chunk)]
+            state, metrics = multi_round(state, values)
+            results = [
+                RoundResult(r, state if r == chunk[-1] else None, m, i)
+                for r, m, i in zip(chunk, metrics, ids)
+            ]
+        else:
+            results = []
+            for round_num, round_ids in zip(chunk, ids):
+                output = process.next(state, round_values(task, spec, round_ids, round_num))
+                state = output.state
+                results.append(RoundResult(round_num, state, output.metrics, round_ids))
         if after_round is not None:
-            after_round(result)
+            for result in results:
+                after_round(result)
     return state
