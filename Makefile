@@ -3,13 +3,15 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 # TFF 0.87.0 pins jax/jaxlib 0.4.14, which the package index does not serve: requirements.txt pins
-# TFF's other requirements with 0.4.13, and TFF itself goes in without its dependencies.
+# TFF's other requirements with 0.4.13, and TFF itself goes in without its dependencies. mfl_tff
+# itself is then installed editable, also without dependencies (pyproject.toml lists no TFF), so
+# `import mfl_tff` works from any directory; `python -m experiments.train` runs from this one.
 TFF := tensorflow-federated==0.87.0
-# The stamp is keyed on requirements.txt (and the TFF pin): a ready .venv is never reinstalled.
-STAMP := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(TFF)) | cksum | cut -d' ' -f1)
+# The stamp is keyed on requirements.txt, the TFF pin and pyproject.toml: a ready .venv is never
+# reinstalled, and one from before the package existed gets it installed.
+STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo $(TFF)) | cksum | cut -d' ' -f1)
 RUFF := $(VENV)/bin/ruff
 PYTEST_FLAGS ?= -q
-export PYTHONPATH := $(CURDIR)
 # TF and XLA print GPU-plugin errors at import on CPU-only machines; 3 keeps only fatal ones.
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
@@ -17,11 +19,14 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps $(TFF)
+	$(PY) -m pip install -q --no-deps -e .
+	@# setuptools leaves its build metadata in the tree; the installed package does not need it.
+	@rm -rf mfl_tff.egg-info
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -5,6 +5,10 @@ Writes OUTPUT_DIR/comparison.md (algorithm, rounds, before/after-adaptation mean
 each algorithm, and the per-client distribution after adaptation), and prints the table.
 
   python -m experiments.compare --task=digits_fewshot --algorithms=mfl,fedavg --total_rounds=100
+
+Hyperparameter flags left unset take the task's settings (`task.settings`: the values its
+protocol uses); flags given explicitly win. The effective values are printed and written with
+the table.
 """
 
 from __future__ import annotations
@@ -23,17 +27,42 @@ from absl import app, flags, logging  # noqa: E402
 
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
+from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.evaluation import summaries  # noqa: E402
-from mfl_tff.training import personalize, runtime  # noqa: E402
+from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
+from mfl_tff.training import personalize, rounds, runtime  # noqa: E402
 
 _TASK = flags.DEFINE_string("task", "digits_fewshot", "Task name.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["mfl", "fedavg"], "Algorithms to compare.")
 _ROUNDS = flags.DEFINE_integer("total_rounds", 100, "Training rounds per algorithm.")
 _EVAL_EVERY = flags.DEFINE_integer("rounds_per_eval", 25, "Rounds between held-out evaluations.")
-_CLIENTS = flags.DEFINE_integer("clients_per_round", 25, "Clients per round.")
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 5, "Inner / adaptation steps.")
-_INNER_LR = flags.DEFINE_float("inner_lr", 0.4, "Client step size, initial alpha, fine-tune rate.")
-_GRANULARITY = flags.DEFINE_string("alpha_granularity", "per_layer", "mfl alpha granularity.")
+_CLIENTS = flags.DEFINE_integer(
+    "clients_per_round", None, "Clients per round; empty: the task's setting."
+)
+_INNER_STEPS = flags.DEFINE_integer(
+    "inner_steps", None, "Inner steps K, also the adaptation steps; empty: the task's setting."
+)
+_INNER_LR = flags.DEFINE_float(
+    "inner_lr",
+    None,
+    "Client step size: fedavg's local rate, the fixed inner-loop rate, the INITIAL learned rates "
+    "of mfl/meta_sgd, and the held-out fine-tuning rate (see train.py's --helpfull); empty: the "
+    "task's setting.",
+)
+_GRANULARITY = flags.DEFINE_string(
+    "alpha_granularity",
+    None,
+    "mfl's learned rates: scalar, per_layer or per_coordinate; empty: the task's setting.",
+)
+_META_OPT = flags.DEFINE_string(
+    "meta_optimizer",
+    None,
+    "Meta-optimizer: steps theta for maml/fomaml/meta_sgd (and meta_sgd's alpha), only alpha for "
+    "mfl; empty: the task's setting.",
+)
+_META_LR = flags.DEFINE_float(
+    "meta_lr", None, "Rate of --meta_optimizer, >= 0 (0 freezes what it steps); empty: the task's."
+)
 _NUM_EVAL = flags.DEFINE_integer("num_eval_clients", 100, "Held-out clients evaluated.")
 _COHORT = flags.DEFINE_integer("cohort_size", 25, "Clients stacked per federated client (0: off).")
 _TARGET = flags.DEFINE_float(
@@ -47,56 +76,83 @@ def _reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "accuracy" else value <= target
 
 
-def _train_and_track(name: str, task, target: float) -> dict:
+# The hyperparameter flags of this binary, by the `TaskSettings` field each one fills.
+_SETTINGS_FLAGS = (_CLIENTS, _INNER_STEPS, _INNER_LR, _GRANULARITY, _META_OPT, _META_LR)
+
+
+def _settings(task) -> TaskSettings:
+    """The task's settings with the hyperparameter flags given explicitly."""
+    return task.settings.with_overrides(**{flag.name: flag.value for flag in _SETTINGS_FLAGS})
+
+
+def _train_and_track(name: str, task, settings: TaskSettings, target: float) -> dict:
     """Trains one algorithm, evaluating on held-out clients every --rounds_per_eval rounds."""
     options = builders.AlgorithmOptions(
-        inner_lr=_INNER_LR.value,
-        inner_steps=_INNER_STEPS.value,
-        alpha_granularity=_GRANULARITY.value,
-        cohort_size=_COHORT.value or None,
+        inner_lr=settings.inner_lr,
+        inner_steps=settings.inner_steps,
+        local_epochs=settings.local_epochs,
+        meta_optimizer=settings.meta_optimizer,
+        meta_lr=settings.meta_lr,
+        outer_lr=settings.outer_lr,
+        alpha_granularity=settings.alpha_granularity,
+        cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
     )
     process, spec = builders.build_algorithm(name, task, options)
-    state = process.initialize()
-    start, curve, reached_at = time.time(), [], None
-    for round_num in range(1, _ROUNDS.value + 1):
-        ids = task.sample_train_ids(_CLIENTS.value, round_num)
-        state = process.next(state, spec.client_values(task.train_clients(ids, round_num))).state
-        if round_num % _EVAL_EVERY.value and round_num != _ROUNDS.value:
-            continue
+    start, curve, last = time.time(), [], {}
+
+    def evaluate(result: rounds.RoundResult) -> None:
+        if result.round_num % _EVAL_EVERY.value and result.round_num != _ROUNDS.value:
+            return
         report, per_client = personalize.evaluate(
             process,
-            state,
+            result.state,
             spec,
             task,
-            fine_tune_lr=_INNER_LR.value,
-            max_steps=_INNER_STEPS.value,
-            rounds=round_num,
+            fine_tune_lr=settings.inner_lr,
+            max_steps=settings.adaptation_steps,
+            rounds=result.round_num,
             num_clients=_NUM_EVAL.value,
             return_per_client=True,
         )
         after = report["after_adaptation"]["mean"]
-        curve.append((round_num, after))
-        if reached_at is None and _reached(task.metric, after, target):
-            reached_at = round_num
+        curve.append((result.round_num, after))
+        if "reached_at" not in last and _reached(task.metric, after, target):
+            last["reached_at"] = result.round_num
+        last.update(report=report, per_client=per_client)
         print(
-            f"  {name:14s} round {round_num:5d}  {task.metric} after adaptation {after:.4f}  "
-            f"{time.time() - start:6.1f}s",
+            f"  {name:14s} round {result.round_num:5d}  {task.metric} after adaptation "
+            f"{after:.4f}  {time.time() - start:6.1f}s",
             flush=True,
         )
-    after_values = summaries.stack_clients(per_client, "own_metric")[:, report["adaptation_steps"]]
+
+    rounds.run_rounds(
+        process,
+        spec,
+        task,
+        clients_per_round=settings.clients_per_round,
+        rounds=range(1, _ROUNDS.value + 1),
+        after_round=evaluate,
+    )
+    report = last["report"]
+    after_values = summaries.stack_clients(last["per_client"], "own_metric")[
+        :, report["adaptation_steps"]
+    ]
     return {
         "report": report,
         "curve": curve,
         "after_values": after_values,
-        "reached_at": reached_at,
+        "reached_at": last.get("reached_at"),
         "seconds": time.time() - start,
     }
 
 
-def _table(task, results: dict, target: float) -> str:
+def _table(task, settings: TaskSettings, results: dict, target: float) -> str:
     lines = [
-        f"Task `{task.name}`, metric {task.metric}, {_ROUNDS.value} rounds x {_CLIENTS.value} "
-        f"clients, {_NUM_EVAL.value} held-out clients, seed {_SEED.value}.",
+        f"Task `{task.name}`, metric {task.metric}, {_ROUNDS.value} rounds x "
+        f"{settings.clients_per_round} clients, {_NUM_EVAL.value} held-out clients, seed "
+        f"{_SEED.value}.",
+        "",
+        f"Settings: {settings.describe()}.",
         "",
         "| algorithm | rounds | before mean | before p10 | after mean | after p10 | "
         f"rounds to {target:g} | wall s |",
@@ -127,18 +183,27 @@ def _plot(task, results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr and exit status 2, before anything is written."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     unknown = [a for a in _ALGORITHMS.value if a not in builders.ALGORITHMS]
     if unknown:
-        sys.exit(
-            f"error: --algorithms has unknown {unknown}; choose from "
-            f"{', '.join(builders.ALGORITHMS)}."
-        )
+        _fail(f"--algorithms has unknown {unknown}; choose from {', '.join(builders.ALGORITHMS)}.")
     for flag in (_ROUNDS, _EVAL_EVERY, _CLIENTS, _INNER_STEPS, _NUM_EVAL):
-        if flag.value < 1:
-            sys.exit(f"error: --{flag.name} must be >= 1, got {flag.value}.")
+        if flag.value is not None and flag.value < 1:
+            _fail(f"--{flag.name} must be >= 1, got {flag.value}.")
+    if _INNER_LR.value is not None and not _INNER_LR.value > 0:
+        _fail(f"--inner_lr must be > 0, got {_INNER_LR.value}.")
+    if _META_LR.value is not None and not _META_LR.value >= 0:
+        _fail(
+            f"--meta_lr must be >= 0 (0 freezes what --meta_optimizer steps), got {_META_LR.value}."
+        )
     try:
         task = registry.get_task(
             _TASK.value,
@@ -147,7 +212,24 @@ def main(argv: list[str]) -> None:
             num_eval_clients=_NUM_EVAL.value,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+        _fail(f"--task={_TASK.value}: {error}")
+    settings = _settings(task)
+    for name, allowed in (
+        ("meta_optimizer", builders.OPTIMIZERS),
+        ("alpha_granularity", meta_hparams.GRANULARITIES),
+    ):
+        value = getattr(settings, name)
+        if value not in allowed:
+            source = "" if flags.FLAGS[name].value is not None else " (the task's setting)"
+            _fail(f"--{name}={value!r}{source} is unknown; choose one of: {', '.join(allowed)}.")
+    num_train = len(task.train_data.client_ids)
+    if settings.clients_per_round > num_train:
+        _fail(
+            f"--clients_per_round={settings.clients_per_round} exceeds the {num_train} training "
+            f"clients of --task={_TASK.value}; lower --clients_per_round."
+        )
+    explicit = {flag.name for flag in _SETTINGS_FLAGS if flag.value is not None}
+    print(f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit)}", flush=True)
     target = (
         _TARGET.value if _TARGET.value is not None else (0.9 if task.metric == "accuracy" else 0.5)
     )
@@ -155,8 +237,8 @@ def main(argv: list[str]) -> None:
     results = {}
     with runtime.local_execution(log_path=os.path.join(_OUTPUT_DIR.value, "worker.log")):
         for name in _ALGORITHMS.value:
-            results[name] = _train_and_track(name, task, target)
-    table = _table(task, results, target)
+            results[name] = _train_and_track(name, task, settings, target)
+    table = _table(task, settings, results, target)
     with open(os.path.join(_OUTPUT_DIR.value, "comparison.md"), "w") as f:
         f.write(table)
     _plot(task, results, os.path.join(_OUTPUT_DIR.value, "comparison.png"))

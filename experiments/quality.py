@@ -6,47 +6,83 @@ before adaptation, after adaptation with its own rule (learned alpha for mfl/met
 at --fine_tune_lr for the others) and with the shared fine-tuning baseline. Rows are appended to
 --output (markdown) as they are measured, and to --output with a .jsonl suffix as JSON.
 
-Example (sinusoid, 10-shot, 1 inner step, as in MAML / Meta-SGD):
+Hyperparameter flags left unset take the task's settings (`task.settings`: the values its
+protocol uses); flags given explicitly win. Example (sinusoid's settings are MAML / Meta-SGD's:
+10 shots, 1 inner step at rate 0.01, per-coordinate rates):
 
-  python -m experiments.quality --task=sinusoid --shots=10 --algorithms=meta_sgd,maml,mfl \
-      --rounds=500,1500 --inner_lr=0.01 --output=experiments/results/quality_sinusoid.md
+  python -m experiments.quality --task=sinusoid --algorithms=meta_sgd,maml,mfl \
+      --rounds=500,1500 --output=experiments/results/quality_sinusoid.md
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from mfl_tff.algorithms import builders
 from mfl_tff.data import registry
-from mfl_tff.training import personalize, runtime
+from mfl_tff.data import settings as settings_lib
+from mfl_tff.training import personalize, rounds, runtime
 
 _TASK = flags.DEFINE_string("task", "sinusoid", "Task name (see mfl_tff.data.task_names()).")
 _ALGORITHMS = flags.DEFINE_list(
     "algorithms", ["fedavg", "maml", "meta_sgd", "mfl"], "Algorithms to train, comma-separated."
 )
 _ROUNDS = flags.DEFINE_list("rounds", ["100", "300"], "Checkpoint rounds to evaluate at.")
-_CLIENTS = flags.DEFINE_integer("clients_per_round", 25, "Clients per round.")
-_SHOTS = flags.DEFINE_integer("shots", None, "Support shots per client (task option).")
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner (local) steps K.")
-_INNER_LR = flags.DEFINE_float("inner_lr", 0.01, "Client step size / initial alpha.")
-_OUTER_LR = flags.DEFINE_float("outer_lr", 0.01, "Per-FedAvg's local meta step size (beta).")
-_LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs (fedavg, mfl local).")
-_META_OPT = flags.DEFINE_string("meta_optimizer", "adam", "Meta-optimizer name.")
-_META_LR = flags.DEFINE_float("meta_lr", 1e-3, "Meta-optimizer learning rate.")
+_CLIENTS = flags.DEFINE_integer(
+    "clients_per_round", None, "Clients per round; empty: the task's setting."
+)
+_SHOTS = flags.DEFINE_integer(
+    "shots", None, "Support shots per client (a task option); empty: the task's setting."
+)
+_INNER_STEPS = flags.DEFINE_integer(
+    "inner_steps", None, "Inner (local) steps K; empty: the task's setting."
+)
+_INNER_LR = flags.DEFINE_float(
+    "inner_lr",
+    None,
+    "Client step size: fedavg's local rate, the fixed inner-loop rate (Per-FedAvg's alpha), the "
+    "INITIAL learned rates of mfl/meta_sgd, and the default --fine_tune_lr; empty: the task's "
+    "setting.",
+)
+_OUTER_LR = flags.DEFINE_float(
+    "outer_lr", None, "Per-FedAvg's local meta step size (beta); empty: the task's setting."
+)
+_LOCAL_EPOCHS = flags.DEFINE_integer(
+    "local_epochs", None, "Local epochs (fedavg, mfl local); empty: the task's setting."
+)
+_META_OPT = flags.DEFINE_string(
+    "meta_optimizer",
+    None,
+    "Meta-optimizer: steps theta for maml/fomaml/meta_sgd (and meta_sgd's alpha), only alpha for "
+    "mfl (whose theta goes with --server_optimizer); empty: the task's setting.",
+)
+_META_LR = flags.DEFINE_float(
+    "meta_lr",
+    None,
+    "Meta-optimizer learning rate, >= 0 (0 freezes what it steps); empty: the task's setting.",
+)
 _SERVER_OPT = flags.DEFINE_string("server_optimizer", None, "Server optimizer (None: default).")
 _SERVER_LR = flags.DEFINE_float("server_lr", None, "Server learning rate (None: default).")
-_GRANULARITY = flags.DEFINE_string("alpha_granularity", "per_coordinate", "mfl alpha granularity.")
+_GRANULARITY = flags.DEFINE_string(
+    "alpha_granularity",
+    None,
+    "mfl alpha granularity: scalar, per_layer or per_coordinate; empty: the task's setting.",
+)
 _ADAPTIVE = flags.DEFINE_string("adaptive_update", "meta", "mfl adaptive update: meta or local.")
 _FINE_TUNE_LR = flags.DEFINE_float(
     "fine_tune_lr", None, "Fine-tuning rate of the baseline (default: --inner_lr)."
 )
 _EVAL_STEPS = flags.DEFINE_integer(
-    "eval_adaptation_steps", None, "Adaptation steps at evaluation (default: --inner_steps)."
+    "eval_adaptation_steps",
+    None,
+    "Adaptation steps at evaluation; empty: the task's setting (the effective --inner_steps).",
 )
 _CURVE_STEPS = flags.DEFINE_integer("curve_steps", 10, "Length of the adaptation curve.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval_clients", 500, "Held-out clients to evaluate.")
@@ -70,97 +106,183 @@ def _reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "accuracy" else value <= target
 
 
+# The hyperparameter flags of this binary, named like the `TaskSettings` fields they fill.
+_SETTINGS_FLAGS = (
+    _CLIENTS,
+    _INNER_STEPS,
+    _INNER_LR,
+    _OUTER_LR,
+    _LOCAL_EPOCHS,
+    _META_OPT,
+    _META_LR,
+    _GRANULARITY,
+    _EVAL_STEPS,
+)
+
+
+def _settings(task) -> settings_lib.TaskSettings:
+    """The task's settings with the hyperparameter flags given explicitly."""
+    return task.settings.with_overrides(**{flag.name: flag.value for flag in _SETTINGS_FLAGS})
+
+
+def _train_and_evaluate(
+    name: str, task, settings: settings_lib.TaskSettings, checkpoints: list[int]
+) -> None:
+    """Trains `name` to the last checkpoint round, appending a row at each checkpoint round."""
+    fine_tune_lr = _FINE_TUNE_LR.value or settings.inner_lr
+    eval_steps = settings.adaptation_steps
+    options = builders.AlgorithmOptions(
+        inner_lr=settings.inner_lr,
+        inner_steps=settings.inner_steps,
+        local_epochs=settings.local_epochs,
+        outer_lr=settings.outer_lr,
+        meta_optimizer=settings.meta_optimizer,
+        meta_lr=settings.meta_lr,
+        server_optimizer=_SERVER_OPT.value,
+        server_lr=_SERVER_LR.value,
+        alpha_granularity=settings.alpha_granularity,
+        adaptive_update=_ADAPTIVE.value,
+        cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
+    )
+    process, spec = builders.build_algorithm(name, task, options)
+    # Learned rates are read at their trained step count; fixed-rate rules adapt eval_steps.
+    if not spec.learns_alpha:
+        spec = dataclasses.replace(spec, eval_steps=eval_steps)
+    start = time.time()
+    reached = {}
+
+    def after_round(result: rounds.RoundResult) -> None:
+        round_num = result.round_num
+        if round_num % 100 == 0:
+            print(f"{name} round {round_num} {time.time() - start:.0f}s", flush=True)
+        probe = _EVAL_EVERY.value and round_num % _EVAL_EVERY.value == 0
+        if _TARGET.value is not None and "round" not in reached and probe:
+            quick = personalize.evaluate(
+                process,
+                result.state,
+                spec,
+                task,
+                fine_tune_lr=fine_tune_lr,
+                max_steps=max(eval_steps, 1),
+                rounds=round_num,
+                num_clients=100,
+            )
+            if _reached(task.metric, quick["after_adaptation"]["mean"], _TARGET.value):
+                reached["round"] = round_num
+        if round_num not in checkpoints:
+            return
+        trained_s = time.time() - start
+        report = personalize.evaluate(
+            process,
+            result.state,
+            spec,
+            task,
+            fine_tune_lr=fine_tune_lr,
+            max_steps=max(_CURVE_STEPS.value, eval_steps),
+            rounds=round_num,
+            fine_tune_steps=eval_steps,
+        )
+        _write_row(task, name, round_num, report, trained_s, reached.get("round"), settings)
+
+    rounds.run_rounds(
+        process,
+        spec,
+        task,
+        clients_per_round=settings.clients_per_round,
+        rounds=range(1, checkpoints[-1] + 1),
+        after_round=after_round,
+    )
+
+
+def _write_row(
+    task,
+    name: str,
+    round_num: int,
+    report: dict,
+    trained_s: float,
+    reached_at: Optional[int],
+    settings: settings_lib.TaskSettings,
+) -> None:
+    """Appends a checkpoint round's row to --output and its full report to the .jsonl beside it."""
+    after = report["after_adaptation"]
+    row = (
+        f"| {task.name} | {name} | {round_num} | {task.metric} | "
+        f"{report['before_adaptation']['mean']:.4f} | {after['mean']:.4f} | "
+        f"{after['p10']:.4f} | {report['fine_tune']['after_adaptation']['mean']:.4f} | "
+        f"{reached_at if reached_at is not None else '-'} | {trained_s:.0f} | {_TAG.value} |\n"
+    )
+    with open(_OUTPUT.value, "a") as f:
+        f.write(row)
+    record = {"tag": _TAG.value, "flags": _flag_values(settings), **report}
+    with open(os.path.splitext(_OUTPUT.value)[0] + ".jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    sys.stdout.write(row)
+    sys.stdout.flush()
+
+
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr and exit status 2, before anything is written."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     del argv
-    rounds = sorted(int(r) for r in _ROUNDS.value)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        checkpoints = sorted({int(r) for r in _ROUNDS.value})
+    except ValueError:
+        checkpoints = []
+    if not checkpoints or checkpoints[0] < 1:
+        _fail(
+            "--rounds must be round numbers >= 1, e.g. --rounds=100,300; got "
+            f"{','.join(_ROUNDS.value)!r}."
+        )
+    unknown = [a for a in _ALGORITHMS.value if a not in builders.ALGORITHMS]
+    if unknown:
+        _fail(f"--algorithms has unknown {unknown}; choose from {', '.join(builders.ALGORITHMS)}.")
+    for flag in (_CLIENTS, _SHOTS, _INNER_STEPS, _LOCAL_EPOCHS, _EVAL_STEPS):
+        if flag.value is not None and flag.value < 1:
+            _fail(f"--{flag.name} must be >= 1, got {flag.value}.")
+    for flag in (_INNER_LR, _OUTER_LR):
+        if flag.value is not None and not flag.value > 0:
+            _fail(f"--{flag.name} must be > 0, got {flag.value}.")
+    if _META_LR.value is not None and not _META_LR.value >= 0:
+        _fail(
+            f"--meta_lr must be >= 0 (0 freezes what --meta_optimizer steps), got {_META_LR.value}."
+        )
     task_options = {"seed": _SEED.value, "num_eval_clients": _NUM_EVAL.value}
     if _SHOTS.value is not None:
         task_options["shots"] = _SHOTS.value
-    task = registry.get_task(_TASK.value, ignore_unknown_options=True, **task_options)
-    eval_steps = _EVAL_STEPS.value or _INNER_STEPS.value
-    fine_tune_lr = _FINE_TUNE_LR.value or _INNER_LR.value
+    try:
+        task = registry.get_task(_TASK.value, ignore_unknown_options=True, **task_options)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(f"--task={_TASK.value}: {error}")
+    settings = _settings(task)
+    num_train = len(task.train_data.client_ids)
+    if settings.clients_per_round > num_train:
+        _fail(
+            f"--clients_per_round={settings.clients_per_round} exceeds the {num_train} training "
+            f"clients of --task={_TASK.value}; lower --clients_per_round."
+        )
+    explicit = {flag.name for flag in _SETTINGS_FLAGS if flag.value is not None}
+    if _SHOTS.value is not None:
+        explicit.add("shots")
+    print(f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit)}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     if not os.path.exists(_OUTPUT.value):
         with open(_OUTPUT.value, "w") as f:
             f.write(HEADER)
     with runtime.local_execution(log_path=_OUTPUT.value + ".worker.log"):
         for name in _ALGORITHMS.value:
-            options = builders.AlgorithmOptions(
-                inner_lr=_INNER_LR.value,
-                inner_steps=_INNER_STEPS.value,
-                local_epochs=_LOCAL_EPOCHS.value,
-                outer_lr=_OUTER_LR.value,
-                meta_optimizer=_META_OPT.value,
-                meta_lr=_META_LR.value,
-                server_optimizer=_SERVER_OPT.value,
-                server_lr=_SERVER_LR.value,
-                alpha_granularity=_GRANULARITY.value,
-                adaptive_update=_ADAPTIVE.value,
-                cohort_size=_COHORT.value or None,
-            )
-            process, spec = builders.build_algorithm(name, task, options)
-            spec = builders.AlgorithmSpec(
-                name=spec.name,
-                learns_alpha=spec.learns_alpha,
-                eval_steps=eval_steps if not spec.learns_alpha else spec.eval_steps,
-                cohort_size=spec.cohort_size,
-            )
-            state = process.initialize()
-            trained_s, reached_at, start = 0.0, None, time.time()
-            for round_num in range(1, rounds[-1] + 1):
-                ids = task.sample_train_ids(_CLIENTS.value, round_num)
-                state = process.next(
-                    state, spec.client_values(task.train_clients(ids, round_num))
-                ).state
-                if round_num % 100 == 0:
-                    print(f"{name} round {round_num} {time.time() - start:.0f}s", flush=True)
-                probe = _EVAL_EVERY.value and round_num % _EVAL_EVERY.value == 0
-                if _TARGET.value is not None and reached_at is None and probe:
-                    quick = personalize.evaluate(
-                        process,
-                        state,
-                        spec,
-                        task,
-                        fine_tune_lr=fine_tune_lr,
-                        max_steps=max(eval_steps, 1),
-                        rounds=round_num,
-                        num_clients=100,
-                    )
-                    if _reached(task.metric, quick["after_adaptation"]["mean"], _TARGET.value):
-                        reached_at = round_num
-                if round_num not in rounds:
-                    continue
-                trained_s = time.time() - start
-                report = personalize.evaluate(
-                    process,
-                    state,
-                    spec,
-                    task,
-                    fine_tune_lr=fine_tune_lr,
-                    max_steps=max(_CURVE_STEPS.value, eval_steps),
-                    rounds=round_num,
-                    fine_tune_steps=eval_steps,
-                )
-                after = report["after_adaptation"]
-                row = (
-                    f"| {task.name} | {name} | {round_num} | {task.metric} | "
-                    f"{report['before_adaptation']['mean']:.4f} | {after['mean']:.4f} | "
-                    f"{after['p10']:.4f} | {report['fine_tune']['after_adaptation']['mean']:.4f} | "
-                    f"{reached_at if reached_at is not None else '-'} | {trained_s:.0f} | "
-                    f"{_TAG.value} |\n"
-                )
-                with open(_OUTPUT.value, "a") as f:
-                    f.write(row)
-                with open(os.path.splitext(_OUTPUT.value)[0] + ".jsonl", "a") as f:
-                    f.write(
-                        json.dumps({"tag": _TAG.value, "flags": _flag_values(), **report}) + "\n"
-                    )
-                sys.stdout.write(row)
-                sys.stdout.flush()
+            _train_and_evaluate(name, task, settings, checkpoints)
 
 
-def _flag_values() -> dict:
-    return {name: flags.FLAGS[name].value for name in flags.FLAGS if name in _OWN_FLAGS}
+def _flag_values(settings: settings_lib.TaskSettings) -> dict:
+    """This binary's flags, hyperparameters as used (the task's settings where a flag is unset)."""
+    effective = settings.as_dict()
+    values = {name: flags.FLAGS[name].value for name in flags.FLAGS if name in _OWN_FLAGS}
+    return {name: effective.get(name, value) for name, value in values.items()}
 
 
 _OWN_FLAGS = {f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])}

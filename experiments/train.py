@@ -5,13 +5,19 @@ With no flags, trains MFL (learned per-layer client learning rates) on `digits_f
 rounds adapts 100 held-out clients (never trained on) and reports their accuracy before and after
 adaptation. It takes about a minute on 2 cores.
 
-  python -m experiments.train --task=sinusoid --algorithm=meta_sgd --total_rounds=500 \
-      --inner_steps=1 --inner_lr=0.01 --root_output_dir=/tmp/mfl_tff --experiment_name=sine
+Hyperparameters come from the task: each task carries the settings its protocol uses
+(`task.settings`: inner rate and steps, shots, meta-optimizer and its rate, alpha granularity,
+clients per round, ...). A hyperparameter flag left unset takes the task's value, one given
+explicitly wins, and the binary prints the effective values before training. So
 
-writes (DESIGN.md "Contracts"):
+  python -m experiments.train --task=sinusoid --algorithm=meta_sgd --total_rounds=500 \
+      --root_output_dir=/tmp/mfl_tff --experiment_name=sine
+
+trains with sinusoid's MAML / Meta-SGD protocol (10 shots, 1 inner step at rate 0.01, Adam 1e-3,
+per-coordinate rates). It writes:
 
   ROOT/results/E/experiment.metrics.csv  round_num, then one column per metric
-  ROOT/results/E/hparams.csv             every flag of this binary
+  ROOT/results/E/hparams.csv             every flag of this binary, hyperparameters as used
   ROOT/results/E/personalization.json    the final held-out evaluation
   ROOT/results/E/worker.log              the TFF worker's own output
   ROOT/checkpoints/E/                    program state; rerunning the same command resumes
@@ -20,7 +26,8 @@ writes (DESIGN.md "Contracts"):
 Rerunning a command after an interruption (Ctrl-C, kill, a crash) continues from the last saved
 round and ends with the same model and metrics as an uninterrupted run. Only flags that do not
 change what is trained (--total_rounds, the eval/checkpoint/log periods, --verbose, ...) may
-differ; for anything else, pass a new --experiment_name.
+differ; for anything else, pass a new --experiment_name. The check compares effective values, so
+passing a task's own value explicitly resumes a run that left the flag unset, and vice versa.
 
 Bad input (an unknown name, a count out of range, an output directory that cannot be written, a
 missing data file, a checkpoint of another model) ends with exit status 2 and one line on stderr
@@ -65,6 +72,8 @@ import tensorflow as tf  # noqa: E402
 from experiments import train_flags as cfg  # noqa: E402
 from mfl_tff.algorithms import aggregation, builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
+from mfl_tff.data import settings as settings_lib  # noqa: E402
+from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
 from mfl_tff.training import outputs, privacy, program, runtime  # noqa: E402
 
@@ -78,19 +87,28 @@ EXIT_WORKER_LOST = 3
 EXIT_INTERRUPTED = 130
 
 
-def _own_flags() -> dict[str, Any]:
-    """This binary's flags and their values, in definition order (for hparams.csv)."""
-    return {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(cfg)}
+def _hparams(settings: TaskSettings) -> dict[str, Any]:
+    """This binary's flags in definition order, hyperparameters as used (for hparams.csv).
+
+    Unset hyperparameter flags are recorded with the task's values, so the resume check compares
+    what is trained, not how it was spelled on the command line.
+    """
+    effective = settings.as_dict()
+    return {
+        f.name: effective.get(f.name, f.value) for f in flags.FLAGS.get_key_flags_for_module(cfg)
+    }
 
 
-def _privacy_accountant(num_train: int) -> Optional[privacy.PrivacyAccountant]:
+def _privacy_accountant(
+    num_train: int, settings: TaskSettings
+) -> Optional[privacy.PrivacyAccountant]:
     """The run's privacy accountant with --aggregator=dp (None otherwise)."""
     if cfg.AGGREGATOR.value != "dp":
         return None
     try:
         return privacy.PrivacyAccountant.for_training(
             noise_multiplier=cfg.NOISE_MULTIPLIER.value,
-            clients_per_round=cfg.CLIENTS_PER_ROUND.value,
+            clients_per_round=settings.clients_per_round,
             num_train_clients=num_train,
             delta=cfg.DP_DELTA.value,
         )
@@ -158,30 +176,42 @@ def _train() -> None:
         outputs.check_output_dirs(paths)
     except outputs.OutputDirError as e:
         raise cfg.UsageError(f"--root_output_dir={cfg.ROOT_OUTPUT_DIR.value}: {e}") from None
-    hparams = _own_flags()
+    task = _build_task()
+    settings = cfg.effective_settings(task)
+    num_train = len(task.train_data.client_ids)
+    source = "" if cfg.CLIENTS_PER_ROUND.value is not None else " (the task's setting)"
+    cfg.require(
+        settings.clients_per_round <= num_train,
+        f"--clients_per_round={settings.clients_per_round}{source} exceeds the {num_train} "
+        f"training clients of --task={cfg.TASK.value}; lower --clients_per_round or raise "
+        "--num_train_clients.",
+    )
+    hparams = _hparams(settings)
     try:
         differences = outputs.hparams_differences(
             paths.hparams_csv, hparams, cfg.MAY_DIFFER_ON_RESUME
         )
     except outputs.ProgramError as e:
         raise cfg.UsageError(str(e)) from None
+    # Before tasks carried settings, an unset --shots was recorded empty, meaning the task's
+    # default then, which its setting is now: such a run resumes with the same command.
+    explicit = cfg.explicit_settings()
+    differences = [
+        (name, saved, current)
+        for name, saved, current in differences
+        if not (saved == "" and name in settings_lib.names() and name not in explicit)
+    ]
     if differences:
         name, saved, current = differences[0]
+        unset = name in settings_lib.names() and name not in explicit
+        source = " (the task's setting; the flag is unset)" if unset else ""
         raise cfg.UsageError(
-            f"--{name}={current} differs from {name}={saved} in {paths.hparams_csv}, the "
+            f"--{name}={current}{source} differs from {name}={saved} in {paths.hparams_csv}, the "
             f"experiment this command would resume; rerun with --{name}={saved}, or pass a new "
             "--experiment_name."
         )
-    task = _build_task()
-    num_train = len(task.train_data.client_ids)
-    cfg.require(
-        cfg.CLIENTS_PER_ROUND.value <= num_train,
-        f"--clients_per_round={cfg.CLIENTS_PER_ROUND.value} exceeds the {num_train} training "
-        f"clients of --task={cfg.TASK.value}; lower --clients_per_round or raise "
-        "--num_train_clients.",
-    )
-    accountant = _privacy_accountant(num_train)
-    process, spec = _build_algorithm(task)
+    accountant = _privacy_accountant(num_train, settings)
+    process, spec = _build_algorithm(task, settings)
     try:
         start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
     except program.CheckpointError as e:
@@ -199,9 +229,9 @@ def _train() -> None:
     held_out = len(task.eval_data.client_ids)
     config = program.ProgramConfig(
         total_rounds=cfg.TOTAL_ROUNDS.value,
-        clients_per_round=cfg.CLIENTS_PER_ROUND.value,
-        fine_tune_lr=cfg.INNER_LR.value,
-        eval_adaptation_steps=cfg.EVAL_ADAPTATION_STEPS.value or cfg.INNER_STEPS.value,
+        clients_per_round=settings.clients_per_round,
+        fine_tune_lr=settings.inner_lr,
+        eval_adaptation_steps=settings.adaptation_steps,
         rounds_per_eval=cfg.ROUNDS_PER_EVAL.value,
         rounds_per_checkpoint=cfg.ROUNDS_PER_CHECKPOINT.value,
         checkpoints_to_keep=cfg.CHECKPOINTS_TO_KEEP.value,
@@ -211,10 +241,11 @@ def _train() -> None:
     outputs.write_hparams(paths.hparams_csv, hparams)
     print(
         f"{cfg.ALGORITHM.value} on {task.name}: {cfg.TOTAL_ROUNDS.value} rounds x "
-        f"{cfg.CLIENTS_PER_ROUND.value} of {num_train} clients, {config.num_eval_clients} held-out "
+        f"{settings.clients_per_round} of {num_train} clients, {config.num_eval_clients} held-out "
         f"clients evaluated; output {paths.results_dir}",
         flush=True,
     )
+    print(cfg.describe_settings(task, settings), flush=True)
     if accountant is not None:
         print(
             f"Differential privacy: noise multiplier {accountant.noise_multiplier:g}, sampling "
@@ -294,10 +325,13 @@ def _build_task() -> FederatedTask:
 
 
 def _build_algorithm(
-    task: FederatedTask,
+    task: FederatedTask, settings: TaskSettings
 ) -> tuple[program.LearningProcess, builders.AlgorithmSpec]:
-    """The process and spec from the algorithm flags; option errors become usage errors."""
-    clients = cfg.CLIENTS_PER_ROUND.value
+    """The process and spec from the effective settings and the other algorithm flags.
+
+    Option errors become usage errors.
+    """
+    clients = settings.clients_per_round
     kind = cfg.AGGREGATOR.value
     dp = kind == "dp"
     try:
@@ -311,15 +345,15 @@ def _build_algorithm(
     except ValueError as e:
         raise cfg.UsageError(f"--aggregator={kind}: {e}") from None
     options = builders.AlgorithmOptions(
-        inner_lr=cfg.INNER_LR.value,
-        inner_steps=cfg.INNER_STEPS.value,
-        local_epochs=cfg.LOCAL_EPOCHS.value,
-        meta_optimizer=cfg.META_OPTIMIZER.value,
-        meta_lr=cfg.META_LR.value,
+        inner_lr=settings.inner_lr,
+        inner_steps=settings.inner_steps,
+        local_epochs=settings.local_epochs,
+        meta_optimizer=settings.meta_optimizer,
+        meta_lr=settings.meta_lr,
         server_optimizer=cfg.SERVER_OPTIMIZER.value or None,
         server_lr=cfg.SERVER_LR.value,
-        outer_lr=cfg.OUTER_LR.value,
-        alpha_granularity=cfg.ALPHA_GRANULARITY.value,
+        outer_lr=settings.outer_lr,
+        alpha_granularity=settings.alpha_granularity,
         adaptive_update=cfg.ADAPTIVE_UPDATE.value,
         adaptive_data=cfg.ADAPTIVE_DATA.value,
         first_order=cfg.FIRST_ORDER.value,

@@ -1,7 +1,11 @@
 """The flags of experiments/train.py and their validation, kept apart from what the binary does.
 
-Flag names are a contract (scripts and users depend on them, issue 4); defaults give a run of MFL
-on `digits_fewshot` in about a minute.
+Flag names are a contract (scripts and users depend on them); defaults give a run of MFL on
+`digits_fewshot` in about a minute.
+
+The hyperparameter flags, named like the fields of `mfl_tff.data.settings.TaskSettings`, default to
+None: a flag left unset takes the value the task's protocol uses (`task.settings`), and a flag
+given explicitly wins. `effective_settings` resolves them once the task is built.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import os
 from absl import flags
 
 from mfl_tff.algorithms import aggregation, builders, mfl
+from mfl_tff.data import settings as settings_lib
+from mfl_tff.data.task import FederatedTask
 from mfl_tff.meta import hparams as meta_hparams
 from mfl_tff.training import worker
 
@@ -26,22 +32,33 @@ TASK = flags.DEFINE_string(
 ALGORITHM = flags.DEFINE_string(
     "algorithm",
     "mfl",
-    "Algorithm: fedavg, maml, fomaml, meta_sgd, reptile, per_fedavg_fo, per_fedavg_hf, mfl.",
+    f"Algorithm: {', '.join(builders.ALGORITHMS)}.",
 )
 TOTAL_ROUNDS = flags.DEFINE_integer(
     "total_rounds", 100, "Training rounds in total (a resumed run trains the remaining ones)."
 )
 CLIENTS_PER_ROUND = flags.DEFINE_integer(
-    "clients_per_round", 25, "Training clients sampled each round (a function of seed and round)."
+    "clients_per_round",
+    None,
+    "Training clients sampled each round (a function of seed and round); empty: the task's "
+    "setting.",
 )
 INNER_STEPS = flags.DEFINE_integer(
-    "inner_steps", 5, "K: inner-loop steps on the support set (local steps of reptile/Per-FedAvg)."
+    "inner_steps",
+    None,
+    "K: inner-loop steps on the support set (local steps of reptile and Per-FedAvg); empty: the "
+    "task's setting.",
 )
 LOCAL_EPOCHS = flags.DEFINE_integer(
-    "local_epochs", 1, "E: local epochs of fedavg and of mfl's 'local' adaptive update."
+    "local_epochs",
+    None,
+    "E: local epochs of fedavg and of mfl's 'local' adaptive update; empty: the task's setting.",
 )
 ALPHA_GRANULARITY = flags.DEFINE_string(
-    "alpha_granularity", "per_layer", "mfl's learned rates: scalar, per_layer or per_coordinate."
+    "alpha_granularity",
+    None,
+    "Granularity of mfl's learned rates: scalar, per_layer or per_coordinate (meta_sgd always "
+    "learns one per coordinate); empty: the task's setting.",
 )
 ADAPTIVE_UPDATE = flags.DEFINE_string(
     "adaptive_update",
@@ -57,23 +74,39 @@ FIRST_ORDER = flags.DEFINE_bool(
 )
 INNER_LR = flags.DEFINE_float(
     "inner_lr",
-    0.4,
-    "The clients' step size everywhere: fedavg's local SGD, the inner loop, the initial learned "
-    "rates of mfl/meta_sgd, and held-out fine-tuning.",
+    None,
+    "The clients' step size, > 0; empty: the task's setting. One value serves four roles: "
+    "(1) fedavg's and fedprox's local SGD rate; (2) the fixed inner-loop rate of maml, fomaml, "
+    "reptile and Per-FedAvg (Per-FedAvg's alpha); (3) for mfl and meta_sgd, only the INITIAL "
+    "value of the rates alpha they learn (adaptation then uses the learned alpha); (4) the rate "
+    "at which held-out clients fine-tune in evaluation: the baseline of every algorithm, and the "
+    "adaptation rule of the algorithms that learn no rates.",
 )
-OUTER_LR = flags.DEFINE_float("outer_lr", 0.01, "Per-FedAvg's beta (its second local step).")
+OUTER_LR = flags.DEFINE_float(
+    "outer_lr",
+    None,
+    "Per-FedAvg's beta, the step size of its second local step; empty: the task's setting.",
+)
 META_OPTIMIZER = flags.DEFINE_string(
     "meta_optimizer",
-    "adam",
-    "Server optimizer of what is meta-learned (theta for maml/fomaml/meta_sgd, alpha for mfl): "
-    "sgd, sgdm, adam, adagrad, yogi.",
+    None,
+    "Server optimizer of the meta-objective: sgd, sgdm, adam, adagrad, yogi; empty: the task's "
+    "setting. What it steps depends on --algorithm: theta for maml and fomaml; theta and alpha "
+    "for meta_sgd; ONLY alpha for mfl, whose theta is stepped by --server_optimizer. fedavg, "
+    "fedprox, reptile and Per-FedAvg do not use it.",
 )
-META_LR = flags.DEFINE_float("meta_lr", 1e-3, "Learning rate of --meta_optimizer.")
+META_LR = flags.DEFINE_float(
+    "meta_lr",
+    None,
+    "Learning rate of --meta_optimizer, >= 0; empty: the task's setting. 0 freezes what it steps "
+    "(with mfl: alpha stays at --inner_lr, an ablation).",
+)
 SERVER_OPTIMIZER = flags.DEFINE_string(
     "server_optimizer",
     None,
-    "Optimizer applying model updates (fedavg, reptile, Per-FedAvg, mfl's theta); empty: the "
-    "algorithm's default (sgd for fedavg and mfl 'local', adam for mfl 'meta').",
+    "Server optimizer applying model updates: fedavg's, reptile's, Per-FedAvg's and mfl's theta "
+    "(mfl's alpha goes with --meta_optimizer); empty: the algorithm's default (sgd for fedavg and "
+    "mfl 'local', adam for mfl 'meta').",
 )
 SERVER_LR = flags.DEFINE_float(
     "server_lr",
@@ -131,7 +164,10 @@ NUM_EVAL_CLIENTS = flags.DEFINE_integer(
     f"the task's own held-out clients, at most {DEFAULT_EVAL_CLIENTS} of them evaluated.",
 )
 SHOTS = flags.DEFINE_integer(
-    "shots", None, "Support examples per client (per class for digits_fewshot); empty: default."
+    "shots",
+    None,
+    "Support examples per client (per class for digits_fewshot); empty: the task's setting "
+    "(sinusoid 10, digits_fewshot 5; the others split each client in half).",
 )
 DIRICHLET = flags.DEFINE_float(
     "dirichlet_concentration", None, "digits: label skew, smaller is more skewed; empty: 0.5."
@@ -147,7 +183,8 @@ DATA_CACHE_DIR = flags.DEFINE_string(
 EVAL_ADAPTATION_STEPS = flags.DEFINE_integer(
     "eval_adaptation_steps",
     None,
-    "Adaptation steps on each held-out client's support set; empty: --inner_steps.",
+    "Adaptation steps on each held-out client's support set; empty: the task's setting, which "
+    "is the effective --inner_steps for every built-in task.",
 )
 ROUNDS_PER_EVAL = flags.DEFINE_integer(
     "rounds_per_eval", 25, "Evaluate held-out clients every N rounds; 0: only after the last."
@@ -252,13 +289,21 @@ def check_flags() -> None:
     for name, holder in {
         "inner_lr": INNER_LR,
         "outer_lr": OUTER_LR,
-        "meta_lr": META_LR,
         "server_lr": SERVER_LR,
         "dirichlet_concentration": DIRICHLET,
     }.items():
         value = holder.value
-        require(value is None or value > 0, f"--{name} must be > 0, got {value}.")
-    if NUM_TRAIN_CLIENTS.value is not None:
+        require(
+            value is None or (math.isfinite(value) and value > 0),
+            f"--{name} must be a number > 0, got {value}.",
+        )
+    # 0 is allowed: it freezes what the meta-optimizer steps (mfl's alpha), an ablation.
+    meta_lr = META_LR.value
+    require(
+        meta_lr is None or (math.isfinite(meta_lr) and meta_lr >= 0),
+        f"--meta_lr must be a number >= 0 (0 freezes what --meta_optimizer steps), got {meta_lr}.",
+    )
+    if NUM_TRAIN_CLIENTS.value is not None and CLIENTS_PER_ROUND.value is not None:
         require(
             CLIENTS_PER_ROUND.value <= NUM_TRAIN_CLIENTS.value,
             f"--clients_per_round={CLIENTS_PER_ROUND.value} exceeds "
@@ -296,10 +341,49 @@ def check_choices() -> None:
     )
     for holder, allowed in choices:
         value = holder.value
+        # Unset: the task's setting (META_OPTIMIZER, ALPHA_GRANULARITY) or the algorithm's default
+        # (SERVER_OPTIMIZER, also when empty); `effective_settings` checks the task's values.
         require(
-            value in allowed or (holder is SERVER_OPTIMIZER and not value),
+            value is None or value in allowed or (holder is SERVER_OPTIMIZER and not value),
             f"--{holder.name}={value!r} is unknown; choose one of: {', '.join(allowed)}.",
         )
+
+
+def explicit_settings() -> set[str]:
+    """The hyperparameter flags given on the command line (the others take the task's values)."""
+    return {name for name in settings_lib.names() if flags.FLAGS[name].value is not None}
+
+
+def effective_settings(task: FederatedTask) -> settings_lib.TaskSettings:
+    """The run's hyperparameters: each flag given explicitly, else the task's setting.
+
+    --shots is not overridden here: it is a data option, so the task was built with it and its
+    settings already record the shots it has.
+
+    Raises:
+      UsageError: If a value the task sets is not a valid choice (a user's task may set any).
+    """
+    overrides = {name: flags.FLAGS[name].value for name in settings_lib.names() if name != "shots"}
+    try:
+        settings = task.settings.with_overrides(**overrides)
+    except ValueError as e:
+        raise UsageError(f"--task={task.name}: {e}") from None
+    for name, allowed in (
+        ("meta_optimizer", builders.OPTIMIZERS),
+        ("alpha_granularity", meta_hparams.GRANULARITIES),
+    ):
+        value = getattr(settings, name)
+        require(
+            value in allowed,
+            f"--task={task.name} sets {name}={value!r}, which is unknown; pass --{name} with one "
+            f"of: {', '.join(allowed)}.",
+        )
+    return settings
+
+
+def describe_settings(task: FederatedTask, settings: settings_lib.TaskSettings) -> str:
+    """One line: every effective hyperparameter, those set by a flag marked with '*'."""
+    return f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit_settings())}"
 
 
 def check_aggregator_flags() -> None:

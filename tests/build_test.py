@@ -1,9 +1,12 @@
-"""Keeps BUILD true to the tree (Bazel cannot run here) and the layering of DESIGN.md enforced."""
+"""Keeps BUILD true to the tree (Bazel cannot run here) and the library's layering enforced."""
 
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -86,11 +89,24 @@ def test_deps_cover_the_project_imports(path):
         assert SOURCES[imported] in deps, f"{path} imports {imported}; add its target to deps"
 
 
-# DESIGN.md: experiments -> training -> evaluation, algorithms -> meta, models, data; the pure-TF
-# meta-learning math knows nothing of TFF; the library knows nothing of flags.
+# experiments -> training -> evaluation, algorithms -> meta, models, data; the pure-TF
+# meta-learning math knows nothing of TFF (nor of gRPC, which TFF's runtime brings); the library
+# knows nothing of flags. A key ending in "/" covers a package, its __init__.py included.
 FORBIDDEN = {
+    # Importing any subpackage runs this file first, so it must not load TFF either.
+    "mfl_tff/__init__.py": (
+        "tensorflow_federated",
+        "grpc",
+        "mfl_tff.data",
+        "mfl_tff.models",
+        "mfl_tff.algorithms",
+        "mfl_tff.evaluation",
+        "mfl_tff.training",
+        "absl.flags",
+    ),
     "mfl_tff/meta/": (
         "tensorflow_federated",
+        "grpc",
         "mfl_tff.data",
         "mfl_tff.algorithms",
         "mfl_tff.evaluation",
@@ -123,7 +139,36 @@ def test_dependencies_point_one_way(path):
     for prefix, banned in FORBIDDEN.items():
         if path.startswith(prefix):
             bad = sorted(m for m in imported for b in banned if m == b or m.startswith(b + "."))
-            assert not bad, f"{path} must not import {bad} (DESIGN.md layering)"
+            assert not bad, f"{path} must not import {bad} (the library's layering)"
+
+
+def test_every_package_init_is_under_a_layering_rule():
+    inits = [p for p in _python_files() if p.startswith("mfl_tff/") and p.endswith("__init__.py")]
+    assert "mfl_tff/__init__.py" in inits and len(inits) > 5
+    for path in inits:
+        assert any(
+            path.startswith(prefix) for prefix in FORBIDDEN
+        ), f"{path} is under no layering rule; add its package to FORBIDDEN"
+
+
+def test_importing_the_meta_math_loads_neither_tff_nor_grpc():
+    # A fresh interpreter: this one has TFF loaded already. Package __init__ files count too,
+    # since `import mfl_tff.meta` runs mfl_tff/__init__.py first.
+    check = (
+        "import mfl_tff.meta, sys; "
+        "loaded = [m for m in ('tensorflow_federated', 'grpc') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
 
 
 def test_build_parser_sees_the_targets():

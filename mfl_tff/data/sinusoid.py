@@ -10,18 +10,37 @@ Clients are generated from their id, so the supply is unbounded and any client i
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import numpy as np
 
 from mfl_tff.data import packing
 from mfl_tff.data.client_data import ArrayClientData
+from mfl_tff.data.settings import TaskSettings
 from mfl_tff.data.task import FederatedTask, check_positive
 from mfl_tff.models import functional, keras_models
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, np.pi)
 INPUT_RANGE = (-5.0, 5.0)
+
+# The MAML / Meta-SGD regression protocol: 10 shots, one inner step at rate 0.01, Adam 1e-3 as
+# the meta-optimizer, a meta-batch of 25 clients. Per-coordinate rates are Meta-SGD's, and mfl
+# needs them too: after 1,500 rounds mfl reaches MSE 0.338 per coordinate against 0.761 per layer.
+# With the few-shot digits' inner rate of 0.4 instead, meta_sgd ends 1,500 rounds worse after
+# adaptation than before it.
+SETTINGS = TaskSettings(
+    inner_lr=0.01,
+    inner_steps=1,
+    local_epochs=1,
+    outer_lr=0.01,
+    meta_optimizer="adam",
+    meta_lr=1e-3,
+    alpha_granularity="per_coordinate",
+    clients_per_round=25,
+    shots=10,
+)
 
 
 def wave(client_id: str, seed: int) -> tuple[float, float]:
@@ -46,7 +65,7 @@ def _client(
 
 def build_sinusoid(
     *,
-    shots: int = 10,
+    shots: int = SETTINGS.shots,
     query_points: int = 10,
     eval_query_points: int = 100,
     num_train_clients: int = 100_000,
@@ -54,6 +73,8 @@ def build_sinusoid(
     seed: int = 0,
 ) -> FederatedTask:
     """K-shot sinusoid regression with the papers' MLP (two hidden layers of 40 ReLU units).
+
+    The task's settings are `SETTINGS` (the papers' protocol) with `shots`.
 
     Args:
       shots: Support points per client (K).
@@ -94,4 +115,5 @@ def build_sinusoid(
         train_pack=packing.PackSpec(shots, 1, -(-query_points // shots)),
         eval_pack=packing.PackSpec(shots, 1, -(-eval_query_points // shots)),
         seed=seed,
+        settings=dataclasses.replace(SETTINGS, shots=shots),
     )

@@ -16,11 +16,29 @@ import numpy as np
 
 from mfl_tff.data import packing
 from mfl_tff.data.client_data import ArrayClientData
+from mfl_tff.data.settings import TaskSettings
 from mfl_tff.data.task import FederatedTask, check_positive
 from mfl_tff.models import functional, keras_models
 
 DIM = 60
 NUM_CLASSES = 10
+
+# FedProx's SGD rate for this data (0.01, with batches of 10 and 10 clients per round, as here).
+# Measured (200 rounds x 10 clients, 30 held-out clients, seed 0, accuracy after 5 adaptation
+# steps): at 0.01 fedavg 0.773, maml 0.797, mfl 0.807; at 0.05 0.802, 0.795, 0.795, the same within
+# noise; at 0.2 fedavg and maml drop to 0.73-0.75 and fluctuate. 5 inner steps of 10 are about one
+# pass over a median client's support set (about 50 examples). Per-layer rates and Adam 1e-3 as in
+# the few-shot digits protocol.
+SETTINGS = TaskSettings(
+    inner_lr=0.01,
+    inner_steps=5,
+    local_epochs=1,
+    outer_lr=0.01,
+    meta_optimizer="adam",
+    meta_lr=1e-3,
+    alpha_granularity="per_layer",
+    clients_per_round=10,
+)
 
 
 def _client(
@@ -88,4 +106,5 @@ def build_synthetic(
         train_split=packing.SplitSpec(support_fraction=0.5),
         train_pack=packing.PackSpec(batch_size, max_batches, max_batches),
         seed=seed,
+        settings=SETTINGS,
     )

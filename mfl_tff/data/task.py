@@ -18,6 +18,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.data import client_data as client_data_lib
 from mfl_tff.data import packing
+from mfl_tff.data.settings import TaskSettings
 
 PROBLEMS = ("classification", "regression")
 
@@ -45,6 +46,8 @@ class FederatedTask:
       eval_pack: Packed shapes of held-out clients (defaults to `train_pack`).
       seed: Seed the data (and the packing) were drawn with.
       cache_size: Most packed clients kept in memory (unbounded generated tasks can have millions).
+      settings: The hyperparameters the task's protocol trains with; binaries fill their unset
+        flags from them.
     """
 
     name: str
@@ -58,11 +61,14 @@ class FederatedTask:
     eval_pack: Optional[packing.PackSpec] = None
     seed: int = 0
     cache_size: int = 50_000
+    settings: TaskSettings = dataclasses.field(default_factory=TaskSettings)
     _cache: collections.OrderedDict = dataclasses.field(
         default_factory=collections.OrderedDict, init=False, repr=False
     )
 
     def __post_init__(self):
+        if not isinstance(self.settings, TaskSettings):
+            raise TypeError(f"settings must be a TaskSettings, got {type(self.settings).__name__}.")
         if self.problem not in PROBLEMS:
             raise ValueError(f"problem must be one of {PROBLEMS}, got {self.problem!r}.")
         self.eval_split = self.eval_split or self.train_split
@@ -115,9 +121,9 @@ class FederatedTask:
         With `round_num`, each client's support/query split is drawn anew for that round (a
         function of seed, client and round, so resumed runs match). Meta-learners need this on a
         fixed pool of clients: with one split per client for the whole run, theta and alpha fit
-        the training clients' query sets, and adaptation on new clients loses accuracy
-        (DESIGN.md's pitfall). Tasks that fix the split themselves (`shuffle=False`) are
-        unaffected.
+        the training clients' query sets, and adaptation on new clients loses accuracy (the
+        README's Dirichlet digits results measure it). Tasks that fix the split themselves
+        (`shuffle=False`) are unaffected.
         """
         return [self._pack("train", cid, round_num) for cid in client_ids]
 
