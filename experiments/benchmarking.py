@@ -422,3 +422,115 @@ def format_report(report: dict) -> str:
         met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
         lines.append(f"| {t['target']} | {value} | {t['limit']:g} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end floor: a whole round as one XLA-compiled function, data generated inside.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sinusoid_round_data(client_type, num_clients: int, seed):
+    """`num_clients` sinusoid clients in the packed layout of `client_type`, generated in TF.
+
+    Same distribution as `mfl_tff.data.sinusoid` (amplitude U[0.1, 5], phase U[0, pi], x
+    U[-5, 5], every point real), drawn with stateless random ops from `seed`.
+    """
+    specs = tff.types.type_to_tf_tensor_specs(client_type)
+    seeds = tf.random.experimental.stateless_split(seed, 2 + 2 * len(specs))
+    amplitude = tf.random.stateless_uniform([num_clients, 1, 1], seeds[0], 0.1, 5.0)
+    phase = tf.random.stateless_uniform([num_clients, 1, 1], seeds[1], 0.0, np.pi)
+    client = collections.OrderedDict()
+    for i, part in enumerate(("support", "query")):
+        shape = [num_clients] + specs[part]["x"].shape.as_list()
+        x = tf.random.stateless_uniform(shape, seeds[2 + i], -5.0, 5.0)
+        y = amplitude[..., None] * tf.sin(x - phase[..., None])
+        client[part] = collections.OrderedDict(
+            x=x,
+            y=tf.reshape(y, [num_clients] + specs[part]["y"].shape.as_list()),
+            mask=tf.ones([num_clients] + specs[part]["mask"].shape.as_list()),
+        )
+    return client
+
+
+class XLAFloor:
+    """Rounds of an algorithm on the sinusoid task as ONE XLA-compiled function, no TFF.
+
+    Each call generates the round's clients inside the function (`_sinusoid_round_data`), runs
+    the algorithm's own client functions under `tf.vectorized_map`, averages, and steps the
+    record's optimizers: the same math as a training round, with no data feeding, no runtime and
+    no per-op dispatch. It is the end-to-end floor the training program is compared with.
+    """
+
+    def __init__(self, name: str, task, options: builders.AlgorithmOptions, clients: int):
+        if task.name != "sinusoid":
+            raise ValueError("The XLA floor generates sinusoid clients; use --task=sinusoid.")
+        record = catalog.get(name)
+        model = task.model_fn()
+        phases = record.phases(model, options)
+        client_type = task.client_data_type()
+        self._graph = tf.Graph()
+        with self._graph.as_default():
+            theta = [tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
+            non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
+            variables = collections.OrderedDict(model=theta)
+            optimizers = collections.OrderedDict(model=record.optimizer("model", options))
+            min_meta = None
+            if record.learns_meta:
+                initial = record.initial_meta(model, options)
+                variables["meta"] = [tf.Variable(np.asarray(a, np.float32)) for a in initial]
+                optimizers["meta"] = record.optimizer("meta", options)
+                min_meta = record.min_meta(options) if record.min_meta else None
+            opt_states = collections.OrderedDict()
+            for key, optimizer in optimizers.items():
+                specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables[key])
+                initial_state = tf.nest.map_structure(
+                    tf.convert_to_tensor, optimizer.initialize(specs)
+                )
+                opt_states[key] = tf.nest.map_structure(tf.Variable, initial_state)
+            counter = tf.Variable(0, dtype=tf.int64)
+
+            @tf.function(jit_compile=True)
+            def round_fn():
+                step = counter.assign_add(1)
+                seed = tf.stack([tf.constant(0, tf.int64), step])
+                data = _sinusoid_round_data(client_type, clients, seed)
+                values = {k: tuple(v.read_value() for v in vs) for k, vs in variables.items()}
+                states = {
+                    k: tf.nest.map_structure(lambda v: v.read_value(), s)
+                    for k, s in opt_states.items()
+                }
+                for phase in phases:
+                    weights = tff.learning.models.ModelWeights(values["model"], non_trainable)
+                    args = (weights, values["meta"]) if phase.takes_meta else (weights,)
+                    out = tf.vectorized_map(
+                        lambda c, args=args, phase=phase: phase.client_fn(*args, c), data
+                    )
+                    for stream in phase.streams:
+                        update = out["update"]
+                        if len(phase.streams) > 1:
+                            update = update[stream]
+                        mean = _weighted_mean(tuple(update), out["update_weight"])
+                        states[stream], stepped = optimizers[stream].next(
+                            states[stream], values[stream], mean
+                        )
+                        if stream == "meta" and min_meta is not None:
+                            stepped = hparams.project_positive(stepped, min_meta)
+                        values[stream] = tuple(stepped)
+                for key, vs in variables.items():
+                    for v, n in zip(vs, values[key]):
+                        v.assign(n)
+                    for v, n in zip(tf.nest.flatten(opt_states[key]), tf.nest.flatten(states[key])):
+                        v.assign(n)
+                return step
+
+            self._round = round_fn()
+            init = tf.compat.v1.global_variables_initializer()
+        self._graph.finalize()
+        self._session = tf.compat.v1.Session(graph=self._graph)
+        self._session.run(init)
+
+    def run_round(self) -> None:
+        self._session.run(self._round)
+
+    def close(self) -> None:
+        self._session.close()
