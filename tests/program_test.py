@@ -1,27 +1,37 @@
 """Tests of `mfl_tff.training.program` (the run loop) and `mfl_tff.training.outputs` (its files).
 
 The run loop is tested in-process on a tiny FedAvg task (6 digits clients, 3 per round): the files
-it writes, resume equivalence when a crash falls between a round's metrics release and its
-checkpoint, and the checkpoint checks that keep another model's state out. The binary on top of
-it (flags, exit codes, subprocess resume) is tested in `tests/train_test.py`.
+it writes, when rows are written relative to checkpoints, resume equivalence after a crash (a torn
+metrics row; a real kill -9 in the middle of a checkpoint save, in a child process), the
+divergence warning, and the checkpoint checks that keep another model's state out. The managers
+themselves are tested in `tests/metrics_release_test.py` and `tests/state_manager_test.py`; the
+binary on top (flags, exit codes, subprocess resume) in `tests/train_test.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from mfl_tff.algorithms import aggregation, builders
 from mfl_tff.data import digits
-from mfl_tff.training import outputs, privacy, program
+from mfl_tff.training import outputs, privacy, program, rounds, state_manager
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 CLIENTS_PER_ROUND = 3
 INNER_LR = 0.4
@@ -145,15 +155,31 @@ def test_run_logs_one_progress_line_per_round(uninterrupted):
     assert "held-out accuracy" in lines[1] and "held-out accuracy" not in lines[0]
 
 
-def test_resume_after_crash_between_release_and_checkpoint_matches_uninterrupted(
+def _assert_same_rows(got_path: str, want_path: str) -> None:
+    got, want = _rows(got_path), _rows(want_path)
+    assert [r[program.ROUND_KEY] for r in got] == [r[program.ROUND_KEY] for r in want]
+    for got_row, want_row in zip(got, want):
+        assert got_row.keys() == want_row.keys()
+        for key in want_row:
+            if want_row[key]:
+                assert float(got_row[key]) == pytest.approx(float(want_row[key]), abs=1e-6), key
+            else:
+                assert got_row[key] == "", key
+
+
+def test_resume_after_a_torn_row_and_a_lost_checkpoint_matches_uninterrupted(
     tmp_path, task, built, uninterrupted
 ):
     process, spec = built
     reference, _, _ = uninterrupted
     paths = outputs.OutputPaths(str(tmp_path), "run")
     program.run_training(process, spec, task, _config(2), paths, log=lambda line: None)
-    # A crash after round 2's metrics were released but before its checkpoint was saved.
-    shutil.rmtree(os.path.join(paths.checkpoint_dir, f"{program.CHECKPOINT_PREFIX}2"))
+    # What a kill halfway through the append of round 2's row leaves: half a line, and no
+    # checkpoint of round 2.
+    os.remove(os.path.join(paths.checkpoint_dir, f"{program.CHECKPOINT_PREFIX}2"))
+    data = pathlib.Path(paths.metrics_csv).read_bytes()
+    last_line = data.rstrip(b"\r\n").rfind(b"\n") + 1
+    pathlib.Path(paths.metrics_csv).write_bytes(data[: last_line + (len(data) - last_line) // 2])
     assert [r[program.ROUND_KEY] for r in _rows(paths.metrics_csv)] == ["1", "2"]
 
     start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
@@ -169,19 +195,144 @@ def test_resume_after_crash_between_release_and_checkpoint_matches_uninterrupted
         log=lambda line: None,
     )
 
-    resumed, expected = _rows(paths.metrics_csv), _rows(reference.metrics_csv)
-    assert [r[program.ROUND_KEY] for r in resumed] == ["1", "2", "3"]  # Round 2 not duplicated.
-    for got, want in zip(resumed, expected):
-        assert got.keys() == want.keys()
-        for key in want:
-            if want[key]:
-                assert float(got[key]) == pytest.approx(float(want[key]), abs=1e-6), key
-            else:
-                assert got[key] == ""
+    _assert_same_rows(paths.metrics_csv, reference.metrics_csv)
     _assert_states_equal(
         program.load_checkpoint(paths.checkpoint_dir, process)[1],
         program.load_checkpoint(reference.checkpoint_dir, process)[1],
     )
+
+
+# Run in a child process: trains 3 rounds like `uninterrupted`, and SIGKILLs its whole process
+# group (itself and its TFF worker) once half of round 3's checkpoint file is written.
+_KILLED_CHILD = """
+import os, signal
+import numpy as np
+from mfl_tff.training import outputs, program, runtime
+from tests import program_test as t
+
+real_savez = np.savez
+
+def savez_then_die(file, **arrays):
+    real_savez(file, **arrays)
+    if int(arrays["0"]) == 3:  # The round number, the first leaf of (round_num, state).
+        file.truncate(file.tell() // 2)
+        file.flush()
+        os.killpg(0, signal.SIGKILL)
+
+np.savez = savez_then_die
+task = t._task()
+process, spec = t._process(task)
+paths = outputs.OutputPaths({root!r}, "run")
+with runtime.local_execution():
+    program.run_training(process, spec, task, t._config(3), paths)
+"""
+
+
+def test_resume_after_kill_9_during_a_checkpoint_save_matches_uninterrupted(
+    tmp_path, task, built, uninterrupted
+):
+    process, spec = built
+    reference, _, _ = uninterrupted
+    paths = outputs.OutputPaths(str(tmp_path), "run")
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_CHILD.format(root=str(tmp_path)))],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="3"),
+        start_new_session=True,  # Its own process group, which it kills.
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    # Round 3's row was written (before its checkpoint), its checkpoint is a torn temporary.
+    assert [r[program.ROUND_KEY] for r in _rows(paths.metrics_csv)] == ["1", "2", "3"]
+    assert program.checkpoint_rounds(paths.checkpoint_dir) == [1, 2]
+    assert any(".tmp" in name for name in os.listdir(paths.checkpoint_dir))
+
+    start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
+    assert start_round == 2
+    program.run_training(
+        process,
+        spec,
+        task,
+        _config(3),
+        paths,
+        start_round=start_round,
+        state=state,
+        log=lambda line: None,
+    )
+
+    _assert_same_rows(paths.metrics_csv, reference.metrics_csv)  # Round 3 once.
+    _assert_states_equal(
+        program.load_checkpoint(paths.checkpoint_dir, process)[1],
+        program.load_checkpoint(reference.checkpoint_dir, process)[1],
+    )
+    assert sorted(os.listdir(paths.checkpoint_dir)) == [
+        f"{program.CHECKPOINT_PREFIX}{r}" for r in (1, 2, 3)
+    ]
+
+
+def test_rows_are_written_every_rounds_per_log_and_before_each_checkpoint(
+    tmp_path, task, built, monkeypatch
+):
+    process, spec = built
+    paths = outputs.OutputPaths(str(tmp_path), "run")
+    rows_seen = {}
+
+    def rows_written():
+        if not os.path.exists(paths.metrics_csv):
+            return []
+        return [int(r[program.ROUND_KEY]) for r in _rows(paths.metrics_csv)]
+
+    real_run_round, real_write = rounds.run_round, state_manager.ArrayProgramStateManager.write
+
+    def run_round(process, spec, task, state, round_num, clients_per_round):
+        rows_seen[f"before round {round_num}"] = rows_written()
+        return real_run_round(process, spec, task, state, round_num, clients_per_round)
+
+    def write(self, program_state, version):
+        rows_seen[f"checkpoint {version}"] = rows_written()
+        real_write(self, program_state, version)
+
+    monkeypatch.setattr(rounds, "run_round", run_round)
+    monkeypatch.setattr(state_manager.ArrayProgramStateManager, "write", write)
+    config = _config(5, rounds_per_log=2, rounds_per_checkpoint=3, rounds_per_eval=0)
+    program.run_training(process, spec, task, config, paths, log=lambda line: None)
+    assert rows_seen == {
+        "before round 1": [],
+        "before round 2": [],  # Round 1 is buffered (rounds_per_log=2).
+        "before round 3": [1, 2],
+        "checkpoint 3": [1, 2, 3],  # A checkpoint round writes its rows first.
+        "before round 4": [1, 2, 3],
+        "before round 5": [1, 2, 3, 4],
+        "checkpoint 5": [1, 2, 3, 4, 5],
+    }
+
+
+def test_a_diverging_loss_is_reported_once_and_training_goes_on(tmp_path, task, built, monkeypatch):
+    process, spec = built
+    real_run_round = rounds.run_round
+    # Round r's train loss, as a multiple of round 1's.
+    factors = {1: 1.0, 2: 50.0, 3: 150.0, 4: float("nan"), 5: 1.0}
+
+    def run_round(process, spec, task, state, round_num, clients_per_round):
+        result = real_run_round(process, spec, task, state, round_num, clients_per_round)
+        metrics = tff.program.structure_utils.map_structure(lambda v: v, result.metrics)
+        metrics["client_work"]["train_loss"] = np.float32(factors[round_num] * 2.0)
+        return rounds.RoundResult(round_num, result.state, metrics, result.client_ids)
+
+    monkeypatch.setattr(rounds, "run_round", run_round)
+    lines = []
+    config = _config(5, rounds_per_eval=0)
+    program.run_training(
+        process, spec, task, config, paths=outputs.OutputPaths(str(tmp_path), "r"), log=lines.append
+    )
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == [
+        "warning: round 3 training loss 300 is 150x its first value 2; the run is diverging: "
+        "lower --inner_lr / --meta_lr"
+    ]
+    assert [line.split()[1] for line in lines if line.startswith("round")][-1] == "5/5"
 
 
 def test_checkpoint_at_total_rounds_is_evaluated_not_retrained(tmp_path, task, built):
@@ -246,20 +397,35 @@ def test_damaged_checkpoint_is_rejected_with_its_path(tmp_path, uninterrupted, b
     paths, _, _ = uninterrupted
     copy = tmp_path / "checkpoints"
     shutil.copytree(paths.checkpoint_dir, copy)
-    data = next((copy / f"{program.CHECKPOINT_PREFIX}3" / "variables").glob("variables.data*"))
-    data.write_bytes(data.read_bytes()[:10])
-    with pytest.raises(program.CheckpointError) as raised:
+    data = copy / f"{program.CHECKPOINT_PREFIX}3"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(program.CheckpointError, match="damaged") as raised:
         program.load_checkpoint(str(copy), built[0])
     message = str(raised.value)
     assert f"{program.CHECKPOINT_PREFIX}3" in message and "\n" not in message
 
 
+def test_saved_model_checkpoint_of_earlier_versions_is_a_clear_error(tmp_path, built):
+    process, _ = built
+    directory = tmp_path / "checkpoints"
+    old_manager = tff.program.FileProgramStateManager(
+        str(directory), prefix=program.CHECKPOINT_PREFIX
+    )
+    asyncio.run(old_manager.save((2, process.initialize()), 2))
+    assert program.checkpoint_rounds(str(directory)) == [2]
+    with pytest.raises(program.CheckpointError, match="SavedModel directory") as raised:
+        program.load_checkpoint(str(directory), process)
+    assert raised.value.path.endswith(f"{program.CHECKPOINT_PREFIX}2")
+    assert "\n" not in str(raised.value)
+
+
 def test_checkpoint_from_an_unfinished_save_is_ignored(tmp_path, uninterrupted, built):
-    # TFF writes a checkpoint under a temporary name and renames it; a kill leaves the temporary.
+    # A checkpoint is written under a temporary name and renamed; a kill leaves the temporary.
     paths, _, _ = uninterrupted
     copy = tmp_path / "checkpoints"
     shutil.copytree(paths.checkpoint_dir, copy)
-    (copy / f"{program.CHECKPOINT_PREFIX}4_temp1234").mkdir()
+    (copy / f".{program.CHECKPOINT_PREFIX}4.tmp1234").write_bytes(b"PK\x03\x04 half a zip")
+    assert program.checkpoint_rounds(str(copy)) == [1, 2, 3]
     assert program.load_checkpoint(str(copy), built[0])[0] == 3
 
 
@@ -332,11 +498,26 @@ def test_format_duration():
     assert program.format_duration(3 * 3600 + 62) == "3:01:02"
 
 
+def test_divergence_line():
+    assert program.divergence_line(3, 2.0, 1.0) == ""
+    assert program.divergence_line(3, 99.0, 1.0) == ""
+    assert "round 3 training loss 100 is 100x its first value 1;" in (
+        program.divergence_line(3, 100.0, 1.0)
+    )
+    assert "round 4 training loss is nan;" in program.divergence_line(4, float("nan"), 1.0)
+    assert "training loss is inf" in program.divergence_line(1, float("inf"), None)
+    # Without a positive first value there is no ratio to grow.
+    assert program.divergence_line(2, 1e9, 0.0) == ""
+    assert program.divergence_line(2, 1e9, None) == ""
+
+
 def test_headline_prefers_train_loss_then_query_loss():
     assert program.headline({"client_work/train_loss": 0.5}) == "train loss 0.5000"
     metrics = {"a/pre_adaptation_loss": 2.0, "a/post_adaptation_loss": 1.25}
     assert program.headline(metrics) == "query loss 1.2500"
     assert program.headline({"other": 1.0}) == ""
+    assert program.headline_loss(metrics) == ("query loss", 1.25)
+    assert program.headline_loss({"other": 1.0}) is None
 
 
 def test_flat_metrics_names_columns_like_the_release_managers():

@@ -1,23 +1,32 @@
 """The training program: the round loop, checkpoints, metrics release and resume.
 
-Files (paths in `mfl_tff.training.outputs.OutputPaths`, DESIGN.md "Contracts"):
+Files (paths in `mfl_tff.training.outputs.OutputPaths`):
 
-* `ROOT/results/E/experiment.metrics.csv`: `tff.program.CSVFileReleaseManager`, key `round_num`,
-  one column per flattened metric, plus held-out personalization columns on evaluation rounds,
-  `clients/{sampled,dropped,empty,rejected,zeroed}` (`client_counts`; a round that drops clients
-  also logs a `note:` line saying why) and, with a privacy accountant, `privacy/{epsilon,delta}`.
-* `ROOT/logdir/E/`: the same values through `tff.program.TensorBoardReleaseManager`.
-* `ROOT/checkpoints/E/program_state_R`: `(round_num, state)` after round R, through
-  `tff.program.FileProgramStateManager`.
+* `ROOT/results/E/experiment.metrics.csv`: key `round_num`, one column per flattened metric, plus
+  held-out personalization columns on evaluation rounds, `clients/{sampled,dropped,empty,
+  rejected,zeroed}` (`client_counts`; a round that drops clients also logs a `note:` line saying
+  why) and, with a privacy accountant, `privacy/{epsilon,delta}`. Written by
+  `mfl_tff.training.metrics_release.MetricsReleaseManager`, which appends rows.
+* `ROOT/logdir/E/`: the same values as TensorBoard summaries (the same manager).
+* `ROOT/checkpoints/E/program_state_R`: `(round_num, state)` after round R, one `.npz` file
+  (`mfl_tff.training.state_manager.ArrayProgramStateManager`).
 * `ROOT/results/E/personalization.json`: the final held-out evaluation
   (`mfl_tff.training.personalize.evaluate`).
 
-Resume: the clients of round R are a function of (seed, R) (`FederatedTask.sample_train_ids`) and
-packing is a function of (seed, client), so `(R, state)` is all a rerun needs to continue exactly
-where an interrupted run stopped. A round's metrics are released before its checkpoint is saved,
-and the CSV manager drops the rows at and after a released key, so a round trained again after a
-crash replaces its row instead of duplicating it. The CSV and the checkpoints are written to a
-temporary name and renamed, so a kill at any moment leaves the last complete versions.
+Cost per round. Metrics rows are buffered and written every `rounds_per_log` rounds (and on
+evaluation, checkpoint and last rounds) by appending, so writing does not grow with the rows
+already written; checkpoints are arrays written with `numpy.savez` (milliseconds, where a
+SavedModel took a third of a second). No event loop is set up per round: the loop calls the
+managers' synchronous methods.
+
+Resume: the clients of round R are a function of (seed, R) (`mfl_tff.training.rounds`) and packing
+is a function of (seed, client), so `(R, state)` is all a rerun needs to continue exactly where an
+interrupted run stopped. A checkpoint round writes (and fsyncs) its metrics rows before the
+checkpoint, so a checkpoint is never ahead of the rows it covers; rows after the restored round
+(written after its checkpoint) are dropped once, when the resumed run starts, so rounds trained
+again replace their rows instead of duplicating them. Checkpoints are written to a temporary name
+and renamed, and rows are appended in one write (a torn last line is dropped at start-up), so a
+kill at any moment leaves files a rerun continues from.
 
 The library reads no flags. `experiments/train.py` validates them, runs the checks that write
 nothing (`outputs.check_output_dirs`, `outputs.hparams_differences`, `load_checkpoint`), and only
@@ -27,13 +36,14 @@ then writes (`outputs.write_hparams`, `run_training` inside
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import contextlib
 import dataclasses
+import math
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Optional, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -41,23 +51,24 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import builders
 from mfl_tff.data.task import FederatedTask
-from mfl_tff.training import outputs, personalize
+from mfl_tff.training import metrics_release, outputs, personalize, rounds, state_manager
 from mfl_tff.training import privacy as privacy_lib
 
 LearningProcess = tff.learning.templates.LearningProcess
-T = TypeVar("T")
 
 ROUND_KEY = "round_num"
 CHECKPOINT_PREFIX = "program_state_"
 # The personalization statistics released with the metrics of evaluation rounds.
 _EVAL_STATISTICS = ("mean", "p10", "median", "p90")
+# A training loss this many times its first value means the run diverges.
+DIVERGENCE_FACTOR = 100.0
 
 
 class CheckpointError(outputs.ProgramError):
     """The latest checkpoint cannot be read as this process's state.
 
     Attributes:
-      path: The checkpoint directory.
+      path: The checkpoint file.
       reason: What does not match, in a few words.
     """
 
@@ -82,7 +93,8 @@ class ProgramConfig:
         last round is always evaluated).
       rounds_per_checkpoint: Save the program state every this many rounds (and the last one).
       checkpoints_to_keep: Most recent checkpoints kept (0: all).
-      rounds_per_log: Print a progress line every this many rounds (and on evaluation rounds).
+      rounds_per_log: Print a progress line and write the buffered metrics rows every this many
+        rounds (and on evaluation, checkpoint and last rounds).
       num_eval_clients: Held-out clients evaluated, the task's first ones (None: all of them).
     """
 
@@ -113,21 +125,17 @@ class ProgramConfig:
             raise ValueError(f"num_eval_clients must be >= 1, got {self.num_eval_clients}.")
 
 
-def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Runs one of TFF's asynchronous program-manager calls to completion.
-
-    TFF 0.87's release and program-state managers are `async`; the round loop is synchronous
-    (computations run in TFF's synchronous context), so each call gets its own event loop.
-    """
-    return asyncio.run(coroutine)
+def _state_manager(
+    checkpoint_dir: str, keep_total: int = 0
+) -> state_manager.ArrayProgramStateManager:
+    return state_manager.ArrayProgramStateManager(
+        checkpoint_dir, prefix=CHECKPOINT_PREFIX, keep_total=keep_total
+    )
 
 
 def checkpoint_rounds(checkpoint_dir: str) -> list[int]:
     """Rounds with a saved program state in `checkpoint_dir`, ascending (none: empty)."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    manager = tff.program.FileProgramStateManager(checkpoint_dir, prefix=CHECKPOINT_PREFIX)
-    return _run(manager.get_versions()) or []
+    return _state_manager(checkpoint_dir).versions()
 
 
 def load_checkpoint(checkpoint_dir: str, process: LearningProcess) -> tuple[int, Optional[Any]]:
@@ -144,19 +152,20 @@ def load_checkpoint(checkpoint_dir: str, process: LearningProcess) -> tuple[int,
     Raises:
       CheckpointError: If the latest checkpoint cannot be read or does not fit `process`.
     """
-    rounds = checkpoint_rounds(checkpoint_dir)
-    if not rounds:
+    manager = _state_manager(checkpoint_dir)
+    rounds_saved = manager.versions()
+    if not rounds_saved:
         return 0, None
-    latest = rounds[-1]
-    path = os.path.join(checkpoint_dir, f"{CHECKPOINT_PREFIX}{latest}")
+    latest = rounds_saved[-1]
+    path = manager.path(latest)
     expected = tff.types.type_to_tf_tensor_specs(process.initialize.type_signature.result.member)
-    manager = tff.program.FileProgramStateManager(checkpoint_dir, prefix=CHECKPOINT_PREFIX)
     try:
-        round_num, state = _run(manager.load(latest, (0, expected)))
-    except Exception as e:  # Any failure to read the saved files is the checkpoint's.
-        # Another algorithm's state has another structure (the manager maps the saved values onto
-        # `expected` and raises ValueError or TypeError); a damaged SavedModel fails inside
-        # TensorFlow's reader with whatever that raises (OpError, IndexError, ...).
+        round_num, state = manager.read(latest, (0, expected))
+    except state_manager.StructureMismatchError as e:
+        raise CheckpointError(path, f"it cannot be read as this state ({e.reason})") from None
+    except state_manager.StateFileError as e:
+        raise CheckpointError(path, e.reason) from None
+    except Exception as e:  # Any other failure to read the file is the checkpoint's too.
         text = " ".join(str(e).split()) or type(e).__name__
         raise CheckpointError(path, f"it cannot be read as this state ({text[:200]})") from None
     for spec, value in zip(tf.nest.flatten(expected), tf.nest.flatten(state)):
@@ -185,7 +194,7 @@ def load_checkpoint(checkpoint_dir: str, process: LearningProcess) -> tuple[int,
 
 def flat_metrics(metrics: Any) -> collections.OrderedDict:
     """`{'a/b': value}` as the release managers name columns; empty entries (`()`) vanish."""
-    return collections.OrderedDict(tff.program.structure_utils.flatten_with_name(metrics))
+    return collections.OrderedDict(metrics_release.flatten_with_name(metrics))
 
 
 def _evaluation_summary(report: Mapping[str, Any]) -> collections.OrderedDict:
@@ -245,12 +254,41 @@ def dropped_line(round_num: int, counts: Mapping[str, int], metrics: Mapping[str
     return line
 
 
-def headline(metrics: Mapping[str, Any]) -> str:
-    """The training loss of a round's flattened metrics, for a progress line."""
+def headline_loss(metrics: Mapping[str, Any]) -> Optional[tuple[str, float]]:
+    """`(label, value)` of a round's training loss in its flattened metrics (None: none).
+
+    `train_loss` ("train loss") if there is one, else `post_adaptation_loss` ("query loss").
+    """
     for suffix, label in (("train_loss", "train loss"), ("post_adaptation_loss", "query loss")):
         for name, value in metrics.items():
             if name.endswith(suffix) and np.ndim(value) == 0:
-                return f"{label} {float(value):.4f}"
+                return label, float(value)
+    return None
+
+
+def headline(metrics: Mapping[str, Any]) -> str:
+    """The training loss of a round's flattened metrics, for a progress line."""
+    loss = headline_loss(metrics)
+    return f"{loss[0]} {loss[1]:.4f}" if loss else ""
+
+
+def divergence_line(round_num: int, loss: float, first: Optional[float]) -> str:
+    """A warning if the training `loss` of `round_num` is not finite or 100x `first` ('' if not).
+
+    Args:
+      round_num: The round.
+      loss: Its headline training loss.
+      first: The loss of the first round the run trained (None or <= 0: only non-finite losses
+        are reported).
+    """
+    advice = "the run is diverging: lower --inner_lr / --meta_lr"
+    if not math.isfinite(loss):
+        return f"warning: round {round_num} training loss is {loss}; {advice}"
+    if first is not None and first > 0 and loss >= DIVERGENCE_FACTOR * first:
+        return (
+            f"warning: round {round_num} training loss {loss:.4g} is "
+            f"{loss / first:.0f}x its first value {first:.4g}; {advice}"
+        )
     return ""
 
 
@@ -315,9 +353,12 @@ def run_training(
     """Trains from `(start_round, state)` to `config.total_rounds`, then evaluates held-out clients.
 
     Must run inside a TFF execution context (`mfl_tff.training.runtime.local_execution`). Each
-    round: sample clients for (seed, round), `process.next`, release the metrics (CSV and
-    TensorBoard, with the personalization statistics on evaluation rounds), save the checkpoint
-    on checkpoint rounds, print progress. The final evaluation is written to
+    round: `mfl_tff.training.rounds.run_round` (clients of (seed, round), `process.next`),
+    release the metrics (CSV and TensorBoard, with the personalization statistics on evaluation
+    rounds; rows are written every `config.rounds_per_log` rounds and on evaluation and
+    checkpoint rounds), save the checkpoint on checkpoint rounds, print progress. A training
+    loss that turns non-finite or grows `DIVERGENCE_FACTOR` times its first value logs one
+    warning line; training goes on. The final evaluation is written to
     `paths.personalization_json`.
 
     Args:
@@ -340,73 +381,52 @@ def run_training(
         start_round, state = 0, process.initialize()
     for directory in paths.directories():
         os.makedirs(directory, exist_ok=True)
-    # WRITE mode replaces the file through a temporary one and a rename; APPEND mode appends in
-    # place, and a kill in the middle of an append could leave a torn row behind.
-    metrics_manager = tff.program.GroupingReleaseManager(
-        [
-            tff.program.CSVFileReleaseManager(
-                paths.metrics_csv, save_mode=tff.program.CSVSaveMode.WRITE, key_fieldname=ROUND_KEY
-            ),
-            tff.program.TensorBoardReleaseManager(paths.logdir),
-        ]
+    # Rows after `start_round` were written after its checkpoint: those rounds are trained again.
+    metrics = metrics_release.MetricsReleaseManager(
+        paths.metrics_csv, paths.logdir, key_fieldname=ROUND_KEY, keep_keys_up_to=start_round
     )
-    checkpoints = tff.program.FileProgramStateManager(
-        paths.checkpoint_dir,
-        prefix=CHECKPOINT_PREFIX,
-        keep_total=config.checkpoints_to_keep,
-        # Round 0 is never saved (the initial state is a function of the seed), so the first
-        # checkpoint is an arbitrary round with no reason to outlive the others.
-        keep_first=False,
-    )
+    checkpoints = _state_manager(paths.checkpoint_dir, config.checkpoints_to_keep)
     total = config.total_rounds
     report = None
-    started = time.monotonic()
-    first_round_done = None
-    for round_num in range(start_round + 1, total + 1):
-        client_ids = task.sample_train_ids(config.clients_per_round, round_num)
-        output = process.next(state, spec.client_values(task.train_clients(client_ids, round_num)))
-        state = output.state
-        released = collections.OrderedDict(output.metrics)
-        counts = client_counts(flat_metrics(output.metrics), len(client_ids))
-        released["clients"] = counts
-        epsilon = None
-        if accountant is not None:
-            epsilon = accountant.epsilon(round_num)
-            released["privacy"] = collections.OrderedDict(epsilon=epsilon, delta=accountant.delta)
-        is_last = round_num == total
-        if is_last or (config.rounds_per_eval and round_num % config.rounds_per_eval == 0):
-            report = evaluate(process, state, spec, task, config, round_num)
-            released["personalization"] = _evaluation_summary(report)
-        else:
-            report = None
-        # Metrics before the checkpoint: a crash in between re-runs the round, and its release
-        # then replaces the row (the CSV manager drops keys >= the released one).
-        _run(metrics_manager.release(released, round_num))
-        if is_last or round_num % config.rounds_per_checkpoint == 0:
-            _run(checkpoints.save((round_num, state), round_num))
-        dropped = dropped_line(round_num, counts, flat_metrics(output.metrics))
-        if dropped:
-            log(dropped)
-        now = time.monotonic()
-        if first_round_done is None:
-            first_round_done = now
-        if report is not None or is_last or round_num % config.rounds_per_log == 0:
-            # The first round of a process traces every computation (seconds to a minute), so the
-            # rate comes from the rounds after it.
-            later = round_num - start_round - 1
-            eta = (now - first_round_done) / later * (total - round_num) if later else None
-            line = (
-                f"round {round_num:>{len(str(total))}}/{total}  elapsed "
-                f"{format_duration(now - started)}  eta "
-                f"{format_duration(eta) if eta is not None else '?'}  "
-                f"{headline(flat_metrics(output.metrics))}"
+    progress = _Progress(config, start_round, log)
+    try:
+        for round_num in range(start_round + 1, total + 1):
+            result = rounds.run_round(
+                process, spec, task, state, round_num, config.clients_per_round
             )
-            if epsilon is not None:
-                line += f"  epsilon {epsilon:.3g}"
-
-            if report is not None:
-                line += f"  | {evaluation_line(report)}"
-            log(line.rstrip())
+            state = result.state
+            flat = flat_metrics(result.metrics)
+            released = collections.OrderedDict(result.metrics)
+            counts = client_counts(flat, len(result.client_ids))
+            released["clients"] = counts
+            epsilon = None
+            if accountant is not None:
+                epsilon = accountant.epsilon(round_num)
+                released["privacy"] = collections.OrderedDict(
+                    epsilon=epsilon, delta=accountant.delta
+                )
+            is_last = round_num == total
+            is_checkpoint = is_last or round_num % config.rounds_per_checkpoint == 0
+            if is_last or (config.rounds_per_eval and round_num % config.rounds_per_eval == 0):
+                report = evaluate(process, state, spec, task, config, round_num)
+                released["personalization"] = _evaluation_summary(report)
+            else:
+                report = None
+            metrics.release_sync(released, round_num)
+            if is_checkpoint or report is not None or round_num % config.rounds_per_log == 0:
+                # Rows before the checkpoint that covers them, durably: a checkpoint ahead of its
+                # rows would resume with rows missing.
+                metrics.flush(durable=is_checkpoint)
+            if is_checkpoint:
+                checkpoints.write((round_num, state), round_num)
+            progress.round_done(round_num, flat, counts, epsilon, report)
+    except BaseException:
+        # The rows trained so far still reach the file (a resume drops those past the last
+        # checkpoint), but a failing write must not hide the error that ended the run.
+        with contextlib.suppress(Exception):
+            metrics.close()
+        raise
+    metrics.close()
     if report is None:
         # Nothing left to train (the checkpoint is at or past `total_rounds`): evaluate it.
         report = evaluate(process, state, spec, task, config, start_round)
@@ -415,3 +435,59 @@ def run_training(
         report["privacy"] = accountant.report(report["rounds"])
     outputs.write_json(paths.personalization_json, report)
     return report
+
+
+class _Progress:
+    """The log lines of the round loop: progress, dropped clients, divergence."""
+
+    def __init__(self, config: ProgramConfig, start_round: int, log: Callable[[str], None]):
+        self._config = config
+        self._start_round = start_round
+        self._log = log
+        self._started = time.monotonic()
+        self._first_round_done: Optional[float] = None
+        # The reference of the divergence warning: the first round this process trains (after a
+        # resume, the first round after the checkpoint).
+        self._first_loss: Optional[float] = None
+        self._warned = False
+
+    def round_done(
+        self,
+        round_num: int,
+        metrics: Mapping[str, Any],
+        counts: Mapping[str, int],
+        epsilon: Optional[float],
+        report: Optional[Mapping[str, Any]],
+    ) -> None:
+        """Logs what round `round_num` (its flattened `metrics`) calls for."""
+        dropped = dropped_line(round_num, counts, metrics)
+        if dropped:
+            self._log(dropped)
+        loss = headline_loss(metrics)
+        if loss is not None and not self._warned:
+            warning = divergence_line(round_num, loss[1], self._first_loss)
+            if warning:
+                self._log(warning)
+                self._warned = True
+            if self._first_loss is None:
+                self._first_loss = loss[1]
+        now = time.monotonic()
+        if self._first_round_done is None:
+            self._first_round_done = now
+        total = self._config.total_rounds
+        if report is None and round_num != total and round_num % self._config.rounds_per_log:
+            return
+        # The first round of a process traces every computation (seconds to a minute), so the
+        # rate comes from the rounds after it.
+        later = round_num - self._start_round - 1
+        eta = (now - self._first_round_done) / later * (total - round_num) if later else None
+        line = (
+            f"round {round_num:>{len(str(total))}}/{total}  elapsed "
+            f"{format_duration(now - self._started)}  eta "
+            f"{format_duration(eta) if eta is not None else '?'}  {headline(metrics)}"
+        )
+        if epsilon is not None:
+            line += f"  epsilon {epsilon:.3g}"
+        if report is not None:
+            line += f"  | {evaluation_line(report)}"
+        self._log(line.rstrip())
