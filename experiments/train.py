@@ -236,6 +236,7 @@ def _train() -> None:
         rounds_per_checkpoint=cfg.ROUNDS_PER_CHECKPOINT.value,
         checkpoints_to_keep=cfg.CHECKPOINTS_TO_KEEP.value,
         rounds_per_log=cfg.ROUNDS_PER_LOG.value,
+        rounds_per_call=cfg.ROUNDS_PER_CALL.value,
         num_eval_clients=min(held_out, cfg.NUM_EVAL_CLIENTS.value or cfg.DEFAULT_EVAL_CLIENTS),
     )
     outputs.write_hparams(paths.hparams_csv, hparams)
@@ -276,6 +277,9 @@ def _train() -> None:
             flush=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+    except outputs.ProgramError as e:
+        # A file of the experiment turned out unusable mid-run (e.g. a foreign metrics CSV).
+        raise cfg.UsageError(str(e)) from None
     except (ConnectionError, runtime.WorkerExitedError) as e:
         # The worker died or the network dropped mid-run: the saved rounds are intact.
         print(

@@ -196,7 +196,16 @@ CHECKPOINTS_TO_KEEP = flags.DEFINE_integer(
     "checkpoints_to_keep", 3, "Most recent checkpoints kept; 0 keeps all."
 )
 ROUNDS_PER_LOG = flags.DEFINE_integer(
-    "rounds_per_log", 1, "Print a progress line every N rounds (and on evaluation rounds)."
+    "rounds_per_log",
+    1,
+    "Print a progress line and write the buffered metrics rows every N rounds (and on "
+    "evaluation, checkpoint and last rounds).",
+)
+ROUNDS_PER_CALL = flags.DEFINE_integer(
+    "rounds_per_call",
+    1,
+    "Rounds run by one TFF call (one federated computation of N rounds); a call always ends on "
+    "evaluation and checkpoint rounds. Results equal one round per call.",
 )
 ROOT_OUTPUT_DIR = flags.DEFINE_string(
     "root_output_dir", "/tmp/mfl_tff", "Root of results/, checkpoints/ and logdir/."
@@ -235,6 +244,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "rounds_per_checkpoint",
         "checkpoints_to_keep",
         "rounds_per_log",
+        "rounds_per_call",
         "root_output_dir",
         "experiment_name",
         "data_cache_dir",
@@ -272,6 +282,7 @@ def check_flags() -> None:
         "local_epochs": LOCAL_EPOCHS,
         "rounds_per_checkpoint": ROUNDS_PER_CHECKPOINT,
         "rounds_per_log": ROUNDS_PER_LOG,
+        "rounds_per_call": ROUNDS_PER_CALL,
         "num_train_clients": NUM_TRAIN_CLIENTS,
         "num_eval_clients": NUM_EVAL_CLIENTS,
         "shots": SHOTS,

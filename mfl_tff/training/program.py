@@ -96,6 +96,8 @@ class ProgramConfig:
       rounds_per_log: Print a progress line and write the buffered metrics rows every this many
         rounds (and on evaluation, checkpoint and last rounds).
       num_eval_clients: Held-out clients evaluated, the task's first ones (None: all of them).
+      rounds_per_call: Rounds run by one TFF call (`mfl_tff.training.rounds.MultiRound`); a
+        call always ends on evaluation and checkpoint rounds.
     """
 
     total_rounds: int
@@ -107,6 +109,7 @@ class ProgramConfig:
     checkpoints_to_keep: int = 3
     rounds_per_log: int = 1
     num_eval_clients: Optional[int] = None
+    rounds_per_call: int = 1
 
     def __post_init__(self):
         for name in (
@@ -115,6 +118,7 @@ class ProgramConfig:
             "eval_adaptation_steps",
             "rounds_per_checkpoint",
             "rounds_per_log",
+            "rounds_per_call",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -389,37 +393,59 @@ def run_training(
     total = config.total_rounds
     report = None
     progress = _Progress(config, start_round, log)
+
+    def is_eval(round_num: int) -> bool:
+        return round_num == total or bool(
+            config.rounds_per_eval and round_num % config.rounds_per_eval == 0
+        )
+
+    def is_checkpoint(round_num: int) -> bool:
+        return round_num == total or round_num % config.rounds_per_checkpoint == 0
+
+    last_report: list = [None]
+
+    def after_round(result: rounds.RoundResult) -> None:
+        round_num = result.round_num
+        flat = flat_metrics(result.metrics)
+        released = collections.OrderedDict(result.metrics)
+        counts = client_counts(flat, len(result.client_ids))
+        released["clients"] = counts
+        epsilon = None
+        if accountant is not None:
+            epsilon = accountant.epsilon(round_num)
+            released["privacy"] = collections.OrderedDict(epsilon=epsilon, delta=accountant.delta)
+        report = None
+        if is_eval(round_num):
+            report = evaluate(process, result.state, spec, task, config, round_num)
+            released["personalization"] = _evaluation_summary(report)
+        last_report[0] = report
+        metrics.release_sync(released, round_num)
+        checkpoint = is_checkpoint(round_num)
+        if checkpoint or report is not None or round_num % config.rounds_per_log == 0:
+            # Rows before the checkpoint that covers them, durably: a checkpoint ahead of its
+            # rows would resume with rows missing.
+            metrics.flush(durable=checkpoint)
+        if checkpoint:
+            checkpoints.write((round_num, result.state), round_num)
+        progress.round_done(round_num, flat, counts, epsilon, report)
+
+    multi_round = None
+    if config.rounds_per_call > 1 and total - start_round >= config.rounds_per_call:
+        multi_round = rounds.MultiRound(process, config.rounds_per_call)
     try:
-        for round_num in range(start_round + 1, total + 1):
-            result = rounds.run_round(
-                process, spec, task, state, round_num, config.clients_per_round
-            )
-            state = result.state
-            flat = flat_metrics(result.metrics)
-            released = collections.OrderedDict(result.metrics)
-            counts = client_counts(flat, len(result.client_ids))
-            released["clients"] = counts
-            epsilon = None
-            if accountant is not None:
-                epsilon = accountant.epsilon(round_num)
-                released["privacy"] = collections.OrderedDict(
-                    epsilon=epsilon, delta=accountant.delta
-                )
-            is_last = round_num == total
-            is_checkpoint = is_last or round_num % config.rounds_per_checkpoint == 0
-            if is_last or (config.rounds_per_eval and round_num % config.rounds_per_eval == 0):
-                report = evaluate(process, state, spec, task, config, round_num)
-                released["personalization"] = _evaluation_summary(report)
-            else:
-                report = None
-            metrics.release_sync(released, round_num)
-            if is_checkpoint or report is not None or round_num % config.rounds_per_log == 0:
-                # Rows before the checkpoint that covers them, durably: a checkpoint ahead of its
-                # rows would resume with rows missing.
-                metrics.flush(durable=is_checkpoint)
-            if is_checkpoint:
-                checkpoints.write((round_num, state), round_num)
-            progress.round_done(round_num, flat, counts, epsilon, report)
+        state = rounds.run_rounds(
+            process,
+            spec,
+            task,
+            clients_per_round=config.clients_per_round,
+            rounds=range(start_round + 1, total + 1),
+            state=state,
+            after_round=after_round,
+            multi_round=multi_round,
+            # Evaluations and checkpoints need the state: a multi-round call ends there.
+            state_needed=lambda r: is_eval(r) or is_checkpoint(r),
+        )
+        report = last_report[0]
     except BaseException:
         # The rows trained so far still reach the file (a resume drops those past the last
         # checkpoint), but a failing write must not hide the error that ended the run.
