@@ -34,7 +34,7 @@ def maml_client_fn(model, *, inner_lr: float, inner_steps: int, first_order: boo
         alpha = (tf.constant(inner_lr, tf.float32),)
         theta = (weights.trainable, weights.non_trainable)
         grad_theta, _, pre_loss, post_loss, post_metric = gradients.meta_gradients(
-            model, theta, data, alpha, inner_steps, first_order=first_order
+            model, theta, data, alpha, inner_steps, first_order=first_order, wrt="theta"
         )
         _, pre_metric = losses.part_loss_and_metric(model, theta, data["query"])
         return client_work.client_output(

@@ -36,10 +36,16 @@ ADAPTIVE_UPDATES = ("local", "meta")
 ADAPTIVE_DATA = ("support", "all")
 
 
-def _adapted(model, weights, alpha, data, options: AlgorithmOptions):
+def _adapted(model, weights, alpha, data, options: AlgorithmOptions, wrt: str):
     theta = (tuple(weights.trainable), tuple(weights.non_trainable))
     grad_theta, grad_alpha, pre_loss, post_loss, post_metric = gradients.meta_gradients(
-        model, theta, data, tuple(alpha), options.inner_steps, first_order=options.first_order
+        model,
+        theta,
+        data,
+        tuple(alpha),
+        options.inner_steps,
+        first_order=options.first_order,
+        wrt=wrt,
     )
     metrics = collections.OrderedDict(
         pre_adaptation_loss=pre_loss,
@@ -53,7 +59,7 @@ def local_update_fn(model, options: AlgorithmOptions) -> Callable:
     """Phase 1, `client_fn(weights, alpha, data)`: the meta-gradient w.r.t. alpha."""
 
     def local_update(weights, alpha, data):
-        _, grad_alpha, metrics = _adapted(model, weights, alpha, data, options)
+        _, grad_alpha, metrics = _adapted(model, weights, alpha, data, options, "alpha")
         return client_work.client_output(
             tuple(grad_alpha), tf.reduce_sum(data["query"]["mask"]), metrics
         )
@@ -65,7 +71,7 @@ def adaptive_update_fn(model, options: AlgorithmOptions) -> Callable:
     """Phase 2, `client_fn(weights, new_alpha, data)`: the update of theta (`meta` or `local`)."""
 
     def meta_update(weights, alpha, data):
-        grad_theta, _, metrics = _adapted(model, weights, alpha, data, options)
+        grad_theta, _, metrics = _adapted(model, weights, alpha, data, options, "theta")
         return client_work.client_output(grad_theta, tf.reduce_sum(data["query"]["mask"]), metrics)
 
     def local_update(weights, alpha, data):
