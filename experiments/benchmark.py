@@ -29,6 +29,7 @@ import collections
 import json
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -36,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import benchmarking as bm  # noqa: E402
+from experiments import end_to_end  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.training import runtime  # noqa: E402
@@ -88,6 +90,18 @@ _INNER_STEPS = flags.DEFINE_integer(
 )
 _INNER_LR = flags.DEFINE_float("inner_lr", 0.1, "Client learning rate / initial alpha.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the model and client sampling.")
+_END_TO_END = flags.DEFINE_list(
+    "end_to_end",
+    ["sinusoid:meta_sgd", "digits_fewshot:mfl"],
+    "TASK:ALGORITHM runs of the training program timed end to end (checkpoints and metric "
+    "releases included) near round 500 and at round 50,000; empty: skip.",
+)
+_END_TO_END_SPAN = flags.DEFINE_integer(
+    "end_to_end_span", 400, "Rounds between the two runs whose difference is one measurement."
+)
+_END_TO_END_FLAGS = flags.DEFINE_list(
+    "end_to_end_flags", [], "Extra flags of the timed training runs, e.g. --rounds_per_call=10."
+)
 
 QUICK = dict(
     clients_per_round=4,
@@ -101,6 +115,7 @@ QUICK = dict(
     memory_rounds=25,
     memory_algorithms=["fedavg"],
     memory_every=5,
+    end_to_end=[],
 )
 
 
@@ -354,8 +369,43 @@ def run() -> dict:
         memory_mb=memory_mb,
         memory=memory,
     )
+    report["end_to_end"] = _end_to_end()
     report["targets"] = bm.targets(report)
     return report
+
+
+def _end_to_end() -> dict:
+    """The training program timed as a user runs it, against the XLA floor (sinusoid)."""
+    results = collections.OrderedDict()
+    for entry in _END_TO_END.value:
+        task_name, _, algorithm = entry.partition(":")
+        label = f"{task_name} {algorithm}"
+        print(f"End to end: {label} ...", flush=True)
+        measured = end_to_end.measure(
+            task=task_name,
+            algorithm=algorithm,
+            workdir=os.path.join(tempfile.gettempdir(), "mfl_tff_end_to_end"),
+            flags=_END_TO_END_FLAGS.value,
+            warm_rounds=480,
+            span=_END_TO_END_SPAN.value,
+        )
+        if task_name == "sinusoid":
+            task = registry.get_task(task_name)
+            s = task.settings
+            options = builders.AlgorithmOptions(
+                inner_lr=s.inner_lr,
+                inner_steps=s.inner_steps,
+                meta_lr=s.meta_lr,
+                alpha_granularity=s.alpha_granularity,
+            )
+            floor = bm.XLAFloor(algorithm, task, options, s.clients_per_round)
+            floor.run_round()
+            measured["xla_floor_ms"] = (
+                1000 * bm.summarize(bm.time_calls(lambda _, f=floor: f.run_round(), 200))["median"]
+            )
+            floor.close()
+        results[label] = measured
+    return results
 
 
 def main(argv: list[str]) -> None:

@@ -337,6 +337,20 @@ def targets(report: dict) -> list:
         for proc in ("driver", "worker"):
             value = run[f"{proc}_growth_pct_per_100_rounds"]
             rows.append((f"{name} {proc} memory growth % per 100 rounds", value, 2.0))
+    e2e_limits = {"sinusoid meta_sgd": 15.0, "digits_fewshot mfl": 40.0}
+    for label, entry in report.get("end_to_end", {}).items():
+        near, far = entry["near"]["ms_per_round"], entry["far"]["ms_per_round"]
+        if label in e2e_limits:
+            rows.append((f"{label}: training program ms per round", near, e2e_limits[label]))
+        rows.append((f"{label}: round ~50,000 / round ~500", _ratio(far, near), 1.1))
+        if entry.get("xla_floor_ms"):
+            rows.append(
+                (
+                    f"{label}: training program / XLA floor",
+                    _ratio(near, entry["xla_floor_ms"]),
+                    20.0,
+                )
+            )
     return [
         collections.OrderedDict(
             target=label, value=value, limit=limit, met=None if value is None else value <= limit
@@ -416,6 +430,22 @@ def format_report(report: dict) -> str:
             f"{_pct(m['driver_growth_pct_per_100_rounds'])} | {m['worker'][0]:.0f} -> "
             f"{m['worker'][-1]:.0f} | {_pct(m['worker_growth_pct_per_100_rounds'])} |"
         )
+    if report.get("end_to_end"):
+        lines += [
+            "",
+            "| training program (end to end) | round | ms per round | driver CPU ms "
+            "| worker CPU ms | round | ms per round | XLA floor ms | x floor |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, entry in report["end_to_end"].items():
+            near, far, floor = entry["near"], entry["far"], entry.get("xla_floor_ms")
+            lines.append(
+                f"| {label} | {near['round']} | {near['ms_per_round']:.1f} | "
+                f"{near['driver_cpu_ms_per_round']:.1f} | {near['worker_cpu_ms_per_round']:.1f} | "
+                f"{far['round']} | {far['ms_per_round']:.1f} | "
+                f"{'-' if floor is None else f'{floor:.2f}'} | "
+                f"{_x(_ratio(near['ms_per_round'], floor))} |"
+            )
     lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
