@@ -187,94 +187,102 @@ def _weighted_mean(values, weights):
     )
 
 
+class _FloorRound:
+    """An algorithm's round in plain TensorFlow: its record's client functions and optimizers.
+
+    Holds theta (and the meta-parameters) and the optimizer states in variables of the current
+    graph. `assigns(data)` builds one round on stacked clients: each phase's client function under
+    `tf.vectorized_map`, the weighted mean of its updates, the record's optimizer step per stream
+    (alpha projected as the algorithm projects it), later phases seeing the new meta-parameters.
+    """
+
+    def __init__(self, name: str, model, options: builders.AlgorithmOptions):
+        record = catalog.get(name)
+        self._phases = record.phases(model, options)
+        self._non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
+        self.variables = collections.OrderedDict(
+            model=[tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
+        )
+        self._optimizers = collections.OrderedDict(model=record.optimizer("model", options))
+        self._min_meta = None
+        if record.learns_meta:
+            initial = record.initial_meta(model, options)
+            self.variables["meta"] = [tf.Variable(np.asarray(a, np.float32)) for a in initial]
+            self._optimizers["meta"] = record.optimizer("meta", options)
+            self._min_meta = record.min_meta(options) if record.min_meta else None
+        self._opt_states = collections.OrderedDict()
+        for key, optimizer in self._optimizers.items():
+            specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in self.variables[key])
+            initial_state = tf.nest.map_structure(tf.convert_to_tensor, optimizer.initialize(specs))
+            self._opt_states[key] = tf.nest.map_structure(tf.Variable, initial_state)
+
+    def assigns(self, data, **map_options) -> list:
+        """The ops of one round on `data` (clients stacked on axis 0)."""
+
+        def read(structure):
+            return tf.nest.map_structure(lambda v: v.read_value(), structure)
+
+        values = {key: tuple(read(vs)) for key, vs in self.variables.items()}
+        states = {key: read(state) for key, state in self._opt_states.items()}
+        for phase in self._phases:
+            weights = tff.learning.models.ModelWeights(values["model"], self._non_trainable)
+            args = (weights, values["meta"]) if phase.takes_meta else (weights,)
+            out = tf.vectorized_map(
+                lambda client, args=args, phase=phase: phase.client_fn(*args, client),
+                data,
+                **map_options,
+            )
+            for stream in phase.streams:
+                update = out["update"]
+                if len(phase.streams) > 1:
+                    update = update[stream]
+                mean = _weighted_mean(tuple(update), out["update_weight"])
+                states[stream], stepped = self._optimizers[stream].next(
+                    states[stream], values[stream], mean
+                )
+                if stream == "meta" and self._min_meta is not None:
+                    stepped = hparams.project_positive(stepped, self._min_meta)
+                values[stream] = tuple(stepped)
+        ops = []
+        for key, vs in self.variables.items():
+            ops += [v.assign(n) for v, n in zip(vs, values[key])]
+            ops += [
+                v.assign(n)
+                for v, n in zip(
+                    tf.nest.flatten(self._opt_states[key]), tf.nest.flatten(states[key])
+                )
+            ]
+        return ops
+
+
 class TFFloor:
     """One round of an algorithm for all clients at once, in one plain-TensorFlow graph.
 
-    It composes the algorithm's own record (`mfl_tff.algorithms.catalog`): the clients of a round
-    are stacked along a new axis and each phase's client function runs under
-    `tf.vectorized_map`; the updates are averaged with the clients' weights and the record's own
-    optimizers step theta and (for meta-learners) alpha, kept in variables, with alpha projected
-    as the algorithm projects it. The math is the TFF process's math; what is absent is TFF's
-    runtime. A `tf.compat.v1.Session` runs the graph (TFF's Keras FunctionalModel only runs in a
-    graph context).
+    It composes the algorithm's own record (`mfl_tff.algorithms.catalog`, see `_FloorRound`):
+    the math is the TFF process's math; what is absent is TFF's runtime. A
+    `tf.compat.v1.Session` runs the graph (TFF's Keras FunctionalModel only runs in a graph
+    context).
     """
 
     def __init__(self, name: str, task, options: builders.AlgorithmOptions, example_round):
-        record = catalog.get(name)
         self.name = name
-        model = task.model_fn()
-        phases = record.phases(model, options)
         stacked = packing.stack_clients(example_round)
+        # Built outside the graph: TFF's Keras conversion reads weights eagerly.
+        model = task.model_fn()
         self._graph = tf.Graph()
         with self._graph.as_default():
-            variables = collections.OrderedDict(
-                model=[tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
-            )
-            non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
-            optimizers = collections.OrderedDict(model=record.optimizer("model", options))
-            min_meta = None
-            if record.learns_meta:
-                initial = record.initial_meta(model, options)
-                variables["meta"] = [tf.Variable(np.asarray(a, np.float32)) for a in initial]
-                optimizers["meta"] = record.optimizer("meta", options)
-                min_meta = record.min_meta(options) if record.min_meta else None
+            floor = _FloorRound(name, model, options)
             self._data = tf.nest.map_structure(
                 lambda a: tf.compat.v1.placeholder(tf.as_dtype(a.dtype), (None,) + a.shape[1:]),
                 stacked,
             )
-            opt_states = collections.OrderedDict()
-            for key, optimizer in optimizers.items():
-                specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables[key])
-                initial_state = tf.nest.map_structure(
-                    tf.convert_to_tensor, optimizer.initialize(specs)
-                )
-                opt_states[key] = tf.nest.map_structure(tf.Variable, initial_state)
-
-            def read(structure):
-                return tf.nest.map_structure(
-                    lambda v: v.read_value() if isinstance(v, tf.Variable) else v, structure
-                )
-
-            def round_fn(data):
-                values = {key: tuple(read(vs)) for key, vs in variables.items()}
-                new_opt_states = {key: read(state) for key, state in opt_states.items()}
-                for phase in phases:
-                    weights = tff.learning.models.ModelWeights(values["model"], non_trainable)
-                    args = (weights, values["meta"]) if phase.takes_meta else (weights,)
-                    out = tf.vectorized_map(
-                        lambda client, args=args, phase=phase: phase.client_fn(*args, client),
-                        data,
-                        fallback_to_while_loop=True,
-                    )
-                    for stream in phase.streams:
-                        update = out["update"]
-                        if len(phase.streams) > 1:
-                            update = update[stream]
-                        mean = _weighted_mean(tuple(update), out["update_weight"])
-                        new_opt_states[stream], stepped = optimizers[stream].next(
-                            new_opt_states[stream], values[stream], mean
-                        )
-                        if stream == "meta" and min_meta is not None:
-                            stepped = hparams.project_positive(stepped, min_meta)
-                        values[stream] = tuple(stepped)
-                assigns = []
-                for key, vs in variables.items():
-                    assigns += [v.assign(n) for v, n in zip(vs, values[key])]
-                    assigns += [
-                        v.assign(n)
-                        for v, n in zip(
-                            tf.nest.flatten(opt_states[key]), tf.nest.flatten(new_opt_states[key])
-                        )
-                    ]
-                return assigns
 
             def run(data):
-                assigns = round_fn(data)
-                with tf.control_dependencies(assigns):
+                with tf.control_dependencies(floor.assigns(data, fallback_to_while_loop=True)):
                     return tf.constant(0)
 
             self._round = tf.function(run)(self._data)
-            self._variables = variables
+            self._variables = floor.variables
             init = tf.compat.v1.global_variables_initializer()
         self._graph.finalize()
         self._session = tf.compat.v1.Session(graph=self._graph)
@@ -485,79 +493,39 @@ def _sinusoid_round_data(client_type, num_clients: int, seed):
 class XLAFloor:
     """Rounds of an algorithm on the sinusoid task as ONE XLA-compiled function, no TFF.
 
-    Each call generates the round's clients inside the function (`_sinusoid_round_data`), runs
-    the algorithm's own client functions under `tf.vectorized_map`, averages, and steps the
-    record's optimizers: the same math as a training round, with no data feeding, no runtime and
+    Each call generates the round's clients inside the function (`_sinusoid_round_data`) and
+    runs `_FloorRound`: the same math as a training round, with no data feeding, no runtime and
     no per-op dispatch. It is the end-to-end floor the training program is compared with.
     """
 
     def __init__(self, name: str, task, options: builders.AlgorithmOptions, clients: int):
         if task.name != "sinusoid":
             raise ValueError("The XLA floor generates sinusoid clients; use --task=sinusoid.")
-        record = catalog.get(name)
-        model = task.model_fn()
-        phases = record.phases(model, options)
         client_type = task.client_data_type()
+        model = task.model_fn()
         self._graph = tf.Graph()
         with self._graph.as_default():
-            theta = [tf.Variable(np.asarray(w)) for w in model.initial_weights[0]]
-            non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
-            variables = collections.OrderedDict(model=theta)
-            optimizers = collections.OrderedDict(model=record.optimizer("model", options))
-            min_meta = None
-            if record.learns_meta:
-                initial = record.initial_meta(model, options)
-                variables["meta"] = [tf.Variable(np.asarray(a, np.float32)) for a in initial]
-                optimizers["meta"] = record.optimizer("meta", options)
-                min_meta = record.min_meta(options) if record.min_meta else None
-            opt_states = collections.OrderedDict()
-            for key, optimizer in optimizers.items():
-                specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables[key])
-                initial_state = tf.nest.map_structure(
-                    tf.convert_to_tensor, optimizer.initialize(specs)
-                )
-                opt_states[key] = tf.nest.map_structure(tf.Variable, initial_state)
+            floor = _FloorRound(name, model, options)
             counter = tf.Variable(0, dtype=tf.int64)
 
             @tf.function(jit_compile=True)
             def round_fn():
-                step = counter.assign_add(1)
+                step = counter.read_value() + 1
                 seed = tf.stack([tf.constant(0, tf.int64), step])
                 data = _sinusoid_round_data(client_type, clients, seed)
-                values = {k: tuple(v.read_value() for v in vs) for k, vs in variables.items()}
-                states = {
-                    k: tf.nest.map_structure(lambda v: v.read_value(), s)
-                    for k, s in opt_states.items()
-                }
-                for phase in phases:
-                    weights = tff.learning.models.ModelWeights(values["model"], non_trainable)
-                    args = (weights, values["meta"]) if phase.takes_meta else (weights,)
-                    out = tf.vectorized_map(
-                        lambda c, args=args, phase=phase: phase.client_fn(*args, c), data
-                    )
-                    for stream in phase.streams:
-                        update = out["update"]
-                        if len(phase.streams) > 1:
-                            update = update[stream]
-                        mean = _weighted_mean(tuple(update), out["update_weight"])
-                        states[stream], stepped = optimizers[stream].next(
-                            states[stream], values[stream], mean
-                        )
-                        if stream == "meta" and min_meta is not None:
-                            stepped = hparams.project_positive(stepped, min_meta)
-                        values[stream] = tuple(stepped)
-                for key, vs in variables.items():
-                    for v, n in zip(vs, values[key]):
-                        v.assign(n)
-                    for v, n in zip(tf.nest.flatten(opt_states[key]), tf.nest.flatten(states[key])):
-                        v.assign(n)
-                return step
+                with tf.control_dependencies(floor.assigns(data) + [counter.assign(step)]):
+                    return tf.identity(step)
 
             self._round = round_fn()
+            self._variables = floor.variables
             init = tf.compat.v1.global_variables_initializer()
         self._graph.finalize()
         self._session = tf.compat.v1.Session(graph=self._graph)
         self._session.run(init)
+
+    def weights(self) -> list[np.ndarray]:
+        """Current trainable weights (theta)."""
+        return self._session.run(self._variables["model"])
 
     def run_round(self) -> None:
         self._session.run(self._round)

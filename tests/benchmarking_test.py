@@ -10,7 +10,8 @@ import pytest
 
 from experiments import benchmarking as bm
 from mfl_tff.algorithms import builders
-from mfl_tff.data import digits, packing
+from mfl_tff.data import digits, packing, sinusoid
+from tests import testing
 
 CLIENTS = 3
 ROUNDS = 2
@@ -27,10 +28,6 @@ def task():
 @pytest.fixture(scope="module")
 def rounds(task):
     return bm.pack_rounds(task, CLIENTS, ROUNDS)
-
-
-def _max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize(
@@ -55,9 +52,21 @@ def test_floor_round_equals_our_process(task, rounds, name, options):
         floor.run_round(floor.feed(clients))
         state = process.next(state, spec.client_values(clients)).state
     ours = process.get_model_weights(state).trainable
-    assert _max_diff(floor.weights(), initial) > 1e-3  # it trained
-    assert _max_diff(floor.weights(), ours) <= TOLERANCE
+    assert testing.max_abs_diff(floor.weights(), initial) > 1e-3  # it trained
+    assert testing.max_abs_diff(floor.weights(), ours) <= TOLERANCE
     floor.close()
+
+
+def test_xla_floor_trains_meta_sgd():
+    task = sinusoid.build_sinusoid(num_train_clients=10, num_eval_clients=1)
+    options = builders.AlgorithmOptions(inner_lr=0.01, alpha_granularity="per_coordinate")
+    xla = bm.XLAFloor("meta_sgd", task, options, 5)
+    initial = xla.weights()
+    for _ in range(3):
+        xla.run_round()
+    assert testing.max_abs_diff(xla.weights(), initial) > 1e-3
+    assert all(np.all(np.isfinite(w)) for w in xla.weights())
+    xla.close()
 
 
 def test_floor_names_the_choices_for_an_unknown_algorithm(task, rounds):
