@@ -1,4 +1,7 @@
-"""Tests of `mfl_tff.algorithms.builders`: algorithms and optimizers by name, and bad options."""
+"""Tests of `mfl_tff.algorithms.builders`: algorithms and optimizers by name, and bad options.
+
+Which optimizer each option selects is tested in algorithm_test, the registry in catalog_test.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +43,31 @@ def leaves(metrics, prefix=""):
         yield prefix, metrics
 
 
+# Every algorithm is composed by the same composer, as one of two kinds of record: a model stream
+# alone (maml here) or model and meta streams (meta_sgd). These two are built with DP aggregators,
+# which are unweighted, instead of the default weighted mean: each algorithm is built only once
+# (a build costs seconds), and tests/aggregation_test.py covers fedavg and mfl with DP in depth.
+DP_ALGORITHMS = ("maml", "meta_sgd")
+
+
+def aggregators_for(name, num_clients):
+    if name not in DP_ALGORITHMS:
+        return {}
+    aggregators = aggregation.build_aggregators(
+        "dp",
+        learns_alpha=name in builders.LEARNS_ALPHA,
+        noise_multiplier=0.5,
+        clip_norm=1.0,
+        clients_per_round=num_clients,
+    )
+    return dict(model_aggregator=aggregators.model, meta_aggregator=aggregators.meta)
+
+
 @pytest.mark.parametrize("name", builders.ALGORITHMS)
 def test_every_algorithm_builds_for_sinusoid_and_runs_a_round(name, task, clients):
-    options = builders.AlgorithmOptions(inner_lr=0.01, inner_steps=1)
+    options = builders.AlgorithmOptions(
+        inner_lr=0.01, inner_steps=1, **aggregators_for(name, len(clients))
+    )
     process, spec = builders.build_algorithm(name, task, options)
     assert isinstance(process, tff.learning.templates.LearningProcess)
     assert spec.name == name
@@ -70,35 +95,12 @@ def test_every_algorithm_builds_for_sinusoid_and_runs_a_round(name, task, client
             assert a.dtype == np.float32
     else:
         assert len(alpha) == 1 and alpha[0] == np.float32(0.03) and np.shape(alpha[0]) == ()
-
-
-# tests/aggregation_test.py covers fedavg (composers, which maml, reptile and Per-FedAvg share)
-# and mfl (meta_composer) in depth; one more of each composition here.
-@pytest.mark.parametrize("name", ["maml", "meta_sgd"])
-def test_other_algorithms_run_a_round_with_dp_aggregation(name, task, clients):
-    """DP factories are unweighted; every builder must take them."""
-    aggregators = aggregation.build_aggregators(
-        "dp",
-        learns_alpha=name in builders.LEARNS_ALPHA,
-        noise_multiplier=0.5,
-        clip_norm=1.0,
-        clients_per_round=len(clients),
-    )
-    options = builders.AlgorithmOptions(
-        inner_lr=0.01,
-        inner_steps=1,
-        model_aggregator=aggregators.model,
-        meta_aggregator=aggregators.meta,
-    )
-    process, _ = builders.build_algorithm(name, task, options)
-    state = process.initialize()
-    output = process.next(state, clients)
-    for path, value in leaves(output.metrics):
-        assert np.all(np.isfinite(value)), (path, value)
-    before = process.get_model_weights(state).trainable
-    after = process.get_model_weights(output.state).trainable
-    assert all(np.all(np.isfinite(w)) for w in after)
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(after, before)) > 0.0
+    # The aggregators are the ones given: DP reports a `dp` measurement, the mean `mean_value`.
+    model_aggregator = "model_aggregator" if spec.learns_alpha else "aggregator"
+    kind = "dp" if name in DP_ALGORITHMS else "mean_value"
+    assert kind in output.metrics[model_aggregator]
+    if spec.learns_alpha:
+        assert kind in output.metrics["meta_aggregator"]
 
 
 def test_unknown_algorithm_lists_the_choices(task):
@@ -149,7 +151,9 @@ def test_unknown_optimizer_lists_the_choices():
         ("mfl", dict(adaptive_data="query"), "adaptive_data"),
         ("per_fedavg_fo", dict(outer_lr=-1.0), "outer_lr"),
         ("reptile", dict(inner_steps=0), "inner_steps"),
-        ("meta_sgd", dict(inner_lr=0.0), "alpha"),
+        ("meta_sgd", dict(inner_lr=0.0), "inner_lr"),
+        ("fedprox", dict(proximal_strength=0.0), "proximal_strength"),
+        ("mfl", dict(min_alpha=0.0), "min_alpha"),
     ],
 )
 def test_bad_options_raise_value_errors_naming_them(task, name, options, message):
@@ -160,10 +164,7 @@ def test_bad_options_raise_value_errors_naming_them(task, name, options, message
 def test_keras_optimizer_is_a_type_error_pointing_at_tff_optimizers(task):
     with pytest.raises(TypeError, match=r"tff\.learning\.optimizers") as error:
         fedavg.build_fedavg(
-            task.model_fn,
-            task.client_data_type(),
-            problem=task.problem,
-            server_optimizer=tf.keras.optimizers.SGD(),
+            task.model_fn, task.client_data_type(), server_optimizer=tf.keras.optimizers.SGD()
         )
     assert "SGD" in str(error.value)  # names what was passed
 

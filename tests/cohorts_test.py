@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from mfl_tff.algorithms import builders, cohorts
 from mfl_tff.data import digits, packing
+from tests import testing
 
 CLIENTS = 5
 COHORT = 3
@@ -35,10 +36,29 @@ def clients(task):
     return packed
 
 
-def _run(task, name, cohort_size, clients, options):
-    process, spec = builders.build_algorithm(
-        name, task, builders.AlgorithmOptions(cohort_size=cohort_size, **options)
-    )
+OPTIONS = {
+    "fedavg": dict(inner_lr=0.1),
+    "mfl": dict(inner_lr=0.1, inner_steps=1, meta_lr=0.01),
+}
+
+
+@pytest.fixture(scope="module")
+def built(task):
+    """`built(name, cohort_size) -> (process, spec)`, each built once: a build costs seconds
+    (MFL under cohorts the most: its two phases are vectorized), a round a fraction of one."""
+    cache = {}
+
+    def get(name, cohort_size):
+        if (name, cohort_size) not in cache:
+            options = builders.AlgorithmOptions(cohort_size=cohort_size, **OPTIONS[name])
+            cache[name, cohort_size] = builders.build_algorithm(name, task, options)
+        return cache[name, cohort_size]
+
+    return get
+
+
+def _run(built, name, cohort_size, clients):
+    process, spec = built(name, cohort_size)
     values = spec.client_values(clients)
     state = process.initialize()
     for _ in range(ROUNDS):
@@ -66,16 +86,10 @@ def test_make_cohorts_pads_the_last_cohort_with_empty_clients(clients):
         cohorts.make_cohorts(clients, 0)
 
 
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        ("fedavg", dict(inner_lr=0.1)),
-        ("mfl", dict(inner_lr=0.1, inner_steps=1, meta_lr=0.01)),
-    ],
-)
-def test_cohorts_equal_the_unstacked_run(task, clients, name, options):
-    process, stacked_state, stacked_metrics = _run(task, name, COHORT, clients, options)
-    _, state, metrics = _run(task, name, None, clients, options)
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_cohorts_equal_the_unstacked_run(built, clients, name):
+    process, stacked_state, stacked_metrics = _run(built, name, COHORT, clients)
+    _, state, metrics = _run(built, name, None, clients)
     ours = process.get_model_weights(stacked_state).trainable
     reference = process.get_model_weights(state).trainable
     initial = process.get_model_weights(process.initialize()).trainable
@@ -91,12 +105,11 @@ def test_cohorts_equal_the_unstacked_run(task, clients, name, options):
     assert work["num_clients"] == CLIENTS
 
 
-def test_non_finite_client_in_a_cohort_is_rejected_alone(task, clients):
-    poisoned = [tf.nest.map_structure(np.copy, c) for c in clients]
+def test_non_finite_client_in_a_cohort_is_rejected_alone(built, clients):
+    poisoned = [testing.copy_client(c) for c in clients]
     poisoned[1]["support"]["x"][0, 0, 3, 3] = np.nan
-    options = dict(inner_lr=0.1)
-    process, stacked_state, stacked_metrics = _run(task, "fedavg", COHORT, poisoned, options)
-    _, state, _ = _run(task, "fedavg", None, [c for i, c in enumerate(clients) if i != 1], options)
+    process, stacked_state, stacked_metrics = _run(built, "fedavg", COHORT, poisoned)
+    _, state, _ = _run(built, "fedavg", None, [c for i, c in enumerate(clients) if i != 1])
     assert stacked_metrics["client_work"]["num_clients_rejected"] == 1
     assert stacked_metrics["client_work"]["num_clients"] == CLIENTS
     ours = process.get_model_weights(stacked_state).trainable

@@ -15,6 +15,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import fedmeta
 from mfl_tff.data import sinusoid
+from tests import testing
 
 INNER_LR = 0.02
 INNER_STEPS = 2
@@ -48,7 +49,7 @@ def clients(task):
 
 
 def build(builder, task, **options):
-    return builder(task.model_fn, task.client_data_type(), problem=task.problem, **options)
+    return builder(task.model_fn, task.client_data_type(), **options)
 
 
 @pytest.fixture(scope="module")
@@ -88,42 +89,9 @@ def reptile(task):
 # Plain-TensorFlow float64 reference.
 
 
-def f64(values):
-    return [tf.constant(np.asarray(v, np.float64)) for v in values]
-
-
-def mse(weights, batch):
-    x, y = batch
-    h = x
-    for i in range(0, len(weights), 2):
-        h = tf.matmul(h, weights[i]) + weights[i + 1]
-        if i + 2 < len(weights):
-            h = tf.nn.relu(h)
-    return tf.reduce_mean(tf.square(h - y))
-
-
-def batches(part):
-    """Real examples of each packed batch (None for an all-padding batch)."""
-    out = []
-    for b in range(part["mask"].shape[0]):
-        keep = part["mask"][b] > 0
-        out.append(
-            (
-                tf.constant(part["x"][b][keep], tf.float64),
-                tf.constant(part["y"][b][keep], tf.float64),
-            )
-            if keep.any()
-            else None
-        )
-    return out
-
-
-def whole(part):
-    keep = part["mask"].reshape(-1) > 0
-    return (
-        tf.constant(part["x"].reshape(-1, 1)[keep], tf.float64),
-        tf.constant(part["y"].reshape(-1, 1)[keep], tf.float64),
-    )
+mse = testing.mlp_squared_error
+batches = testing.real_batches
+whole = testing.real_examples
 
 
 def sgd_step(weights, lr, batch):
@@ -178,7 +146,7 @@ def assert_weights_close(actual, expected):
 
 def one_round(process, client_values):
     state = process.initialize()
-    theta = f64(process.get_model_weights(state).trainable)
+    theta = testing.f64(process.get_model_weights(state).trainable)
     output = process.next(state, client_values)
     return theta, process.get_model_weights(output.state).trainable, output.metrics
 
@@ -226,7 +194,7 @@ def test_maml_averages_by_query_size_over_clients(maml, clients):
 
 
 def test_maml_rejects_a_non_finite_client(maml, clients):
-    poisoned = tf.nest.map_structure(np.copy, clients[1])
+    poisoned = testing.copy_client(clients[1])
     poisoned["support"]["x"][0, 3, 0] = np.nan
     theta, new, metrics = one_round(maml, [clients[0], poisoned, clients[2]])
     grads = [maml_gradient(theta, c) for c in (clients[0], clients[2])]

@@ -147,3 +147,166 @@ def test_building_a_model_leaves_numpy_global_random_state_alone():
     np.random.seed(12345)
     _digits_mlp(seed=0)
     np.testing.assert_array_equal(np.random.random(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's own loss and metric: per-example functions, masked means, metric states.
+
+
+def np_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[label], computed stably in float64."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return np.log(np.exp(shifted).sum(axis=-1)) - shifted[np.arange(len(labels)), labels]
+
+
+def padded_logits(rng, num_real, capacity, num_classes):
+    """Logits and labels with `num_real` real rows followed by garbage padding rows."""
+    logits = rng.normal(size=(capacity, num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=capacity).astype(np.int32)
+    # Padding rows get extreme values: any leak into the mean would show.
+    logits[num_real:] = 1e4 * rng.normal(size=(capacity - num_real, num_classes))
+    mask = (np.arange(capacity) < num_real).astype(np.float32)
+    return logits, labels, mask
+
+
+@pytest.fixture(scope="module")
+def softmax_classifier():
+    return functional.functional_model(
+        functools.partial(keras_models.softmax_regression, 3, 5),
+        x_shape=(3,),
+        problem="classification",
+    )
+
+
+def test_classifier_loss_is_the_masked_mean_cross_entropy(softmax_classifier):
+    rng = np.random.default_rng(0)
+    for num_real in (1, 5, 11, 12):
+        logits, labels, mask = padded_logits(rng, num_real, 12, 5)
+        got = softmax_classifier.loss(tf.constant(logits), tf.constant(labels), tf.constant(mask))
+        expected = np_cross_entropy(logits[:num_real], labels[:num_real]).mean()
+        assert float(got) == pytest.approx(expected, rel=1e-5)
+    # No mask: the plain mean. An all-padding mask: 0, not NaN.
+    logits, labels, _ = padded_logits(rng, 4, 4, 5)
+    plain = softmax_classifier.loss(tf.constant(logits), tf.constant(labels))
+    assert float(plain) == pytest.approx(np_cross_entropy(logits, labels).mean(), rel=1e-5)
+    empty = softmax_classifier.loss(tf.constant(logits), tf.constant(labels), tf.zeros([4]))
+    assert float(empty) == 0.0
+
+
+def test_cross_entropy_closed_form_for_uniform_logits():
+    per_example = functional.per_example_loss_fn(
+        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    got = per_example(tf.zeros([3, 7]), tf.constant([0, 3, 6]))
+    np.testing.assert_allclose(got.numpy(), np.full(3, np.log(7.0)), rtol=1e-6)
+
+
+def test_a_keras_loss_is_made_per_example_whatever_its_reduction():
+    predictions = tf.constant([[1.0], [2.5], [-1.0], [100.0]])
+    y = tf.constant([[3.0], [2.0], [-1.0], [0.0]])
+    for loss in (
+        tf.keras.losses.MeanSquaredError(reduction=tf.keras.losses.Reduction.SUM),
+        "mse",
+        "mean_squared_error",
+    ):
+        got = functional.per_example_loss_fn(loss)(predictions, y)
+        np.testing.assert_allclose(got.numpy(), [4.0, 0.25, 0.0, 10000.0])
+
+
+def test_a_loss_function_of_y_true_and_y_pred_is_used_as_given():
+    def absolute_error(y_true, y_pred):
+        return tf.reduce_sum(tf.abs(y_true - y_pred), axis=-1)
+
+    got = functional.per_example_loss_fn(absolute_error)(
+        tf.constant([[1.0, 2.0], [0.0, 0.0]]), tf.constant([[0.0, 0.0], [1.0, -3.0]])
+    )
+    np.testing.assert_allclose(got.numpy(), [3.0, 4.0])
+
+
+def test_something_that_is_not_a_loss_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="loss must be .*got int"):
+        functional.per_example_loss_fn(3)
+
+
+def test_squared_error_averages_over_outputs_and_matches_scalar_targets_per_example():
+    several = functional.squared_error(
+        tf.constant([[1.0, 2.0], [0.0, 0.0]]), tf.constant([[0.0, 0.0], [1.0, 3.0]])
+    )
+    np.testing.assert_allclose(several.numpy(), [(1 + 4) / 2, (1 + 9) / 2])
+    # Targets [B] against outputs [B, 1]: one error per example, not a [B, B] broadcast.
+    predictions, y = tf.constant([[1.0], [2.0], [4.0]]), tf.constant([1.0, 0.0, 1.0])
+    np.testing.assert_allclose(functional.squared_error(predictions, y).numpy(), [0.0, 4.0, 9.0])
+    mse = functional.per_example_loss_fn("mse")(predictions, y)
+    np.testing.assert_allclose(mse.numpy(), [0.0, 4.0, 9.0])
+
+
+def test_accuracy_is_one_where_the_largest_logit_is_the_label():
+    rng = np.random.default_rng(1)
+    logits, labels, _ = padded_logits(rng, 16, 16, 4)
+    labels[:3] = np.argmax(logits[:3], axis=1)  # a few certain hits
+    hits = functional.accuracy(tf.constant(logits), tf.constant(labels))
+    np.testing.assert_array_equal(hits.numpy(), np.argmax(logits, axis=1) == labels)
+
+
+def test_masked_metric_states_add_up_over_batches_to_the_weighted_mean():
+    initialize, update, finalize = functional.masked_metric_fns("mse", functional.squared_error)
+    predictions = tf.constant([[1.0], [3.0], [0.0], [10.0]])
+    y = tf.constant([[0.0], [1.0], [2.0], [0.0]])  # squared errors 1, 4, 4, 100
+    state = update(initialize(), y[:2], predictions[:2], tf.constant([1.0, 0.5]))
+    state = update(state, y[2:], predictions[2:], tf.constant([1.0, 0.0]))
+    result = finalize(state)
+    assert list(result) == ["mse"]
+    assert float(result["mse"]) == pytest.approx((1.0 + 0.5 * 4.0 + 4.0) / 2.5)
+    assert float(finalize(initialize())["mse"]) == 0.0  # no examples: 0, not NaN
+    unweighted = finalize(update(initialize(), y, predictions))
+    assert float(unweighted["mse"]) == pytest.approx((1 + 4 + 4 + 100) / 4)
+
+
+def test_a_model_trains_the_loss_it_is_given_or_was_compiled_with():
+    def huber_model(**kwargs):
+        return functional.functional_model(
+            functools.partial(keras_models.mlp, (3,), (4,), 1),
+            x_shape=(3,),
+            problem="regression",
+            **kwargs,
+        )
+
+    def compiled():
+        model = keras_models.mlp((3,), (4,), 1)
+        model.compile(loss=tf.keras.losses.Huber(delta=0.5))
+        return model
+
+    predictions = tf.constant([[0.0], [0.2], [3.0]])
+    y, mask = tf.constant([[0.0], [0.0], [0.0]]), tf.constant([1.0, 1.0, 0.0])
+    mse = (0.0 + 0.04) / 2
+    huber_half = (0.0 + 0.5 * 0.04) / 2  # |e| <= delta: e^2 / 2
+    by_default = huber_model().loss(predictions, y, mask)
+    assert float(by_default) == pytest.approx(mse)
+    given = huber_model(loss=tf.keras.losses.Huber(delta=0.5)).loss(predictions, y, mask)
+    assert float(given) == pytest.approx(huber_half)
+    model = functional.functional_model(compiled, x_shape=(3,), problem="regression", metric="mse")
+    assert float(model.loss(predictions, y, mask)) == pytest.approx(huber_half)
+    assert functional.metric_name(model) == "mse"
+
+
+def test_metric_follows_the_problem_or_the_choice():
+    def build(problem, metric=None):
+        return functional.functional_model(
+            functools.partial(keras_models.mlp, (3,), (4,), 2),
+            x_shape=(3,),
+            problem=problem,
+            metric=metric,
+        )
+
+    assert functional.metric_name(build("classification")) == "accuracy"
+    assert functional.metric_name(build("regression")) == "mse"
+    assert functional.metric_name(build("classification", metric="mse")) == "mse"
+    with pytest.raises(ValueError, match=r"metric must be one of \['accuracy', 'mse'\]"):
+        build("classification", metric="auc")
+
+
+def test_the_loss_takes_numpy_labels(softmax_classifier):
+    logits, labels, mask = padded_logits(np.random.default_rng(2), 3, 4, 5)
+    got = softmax_classifier.loss(tf.constant(logits), labels, mask)
+    assert float(got) == pytest.approx(np_cross_entropy(logits[:3], labels[:3]).mean(), rel=1e-5)

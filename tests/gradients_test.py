@@ -106,21 +106,21 @@ def random_alpha(shapes, granularity, seed):
 
 
 def run_in_graph(fn, *args):
-    """`fn(*args)` with the numpy structures `args` as constants of a fresh graph; numpy out."""
+    """`fn(*args)` with the numpy structures `args` as constants of a fresh graph; numpy out.
+
+    Grappler (TF's graph optimizer, which only rewrites a graph into an equivalent one) is off:
+    on these second-order graphs it takes most of the run time.
+    """
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
     with tf.Graph().as_default() as graph:
         outputs = fn(*tf.nest.map_structure(tf.constant, args))
-        with tf.compat.v1.Session(graph=graph) as session:
+        with tf.compat.v1.Session(graph=graph, config=config) as session:
             return session.run(outputs)
 
 
-def library_meta_gradients(model, problem, theta, non_trainable, data, alpha, num_steps, **kw):
-    return run_in_graph(
-        lambda t, n, d, a: gradients.meta_gradients(model, problem, (t, n), d, a, num_steps, **kw),
-        theta,
-        non_trainable,
-        data,
-        alpha,
-    )
+def library_meta_gradients(model, theta, non_trainable, data, alpha, num_steps, **kw):
+    return gradients.meta_gradients(model, (theta, non_trainable), data, alpha, num_steps, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,29 +257,42 @@ def case(problem, granularity):
     )
 
 
+# The (problem, K, granularity, first_order) cases the tests below read.
+META_CASES = (
+    [("classification", k, g, False) for k in (1, 3) for g in GRANULARITIES]
+    + [("regression", 3, "per_layer", False)]
+    + [("classification", 3, g, True) for g in GRANULARITIES]
+)
+
+
 @pytest.fixture(scope="module")
 def meta_results(classifier, regressor):
-    """meta_gradients outputs for (problem, K, granularity, first_order), each graph built once."""
+    """meta_gradients outputs for every case of META_CASES, from one graph run once (one graph
+    traces the model's functions once and is optimized once: a few times faster than a graph per
+    case)."""
     models = {"classification": classifier, "regression": regressor}
-    cache = {}
 
-    def get(problem, num_steps, granularity, first_order=False):
-        key = (problem, num_steps, granularity, first_order)
-        if key not in cache:
+    def all_cases():
+        outputs = {}
+        for problem, num_steps, granularity, first_order in META_CASES:
             model, shapes, non_trainable = models[problem]
             assert shapes == MODEL_SHAPES[problem]
-            theta, data, alpha = case(problem, granularity)
-            cache[key] = library_meta_gradients(
+            theta, data, alpha = tf.nest.map_structure(tf.constant, case(problem, granularity))
+            outputs[problem, num_steps, granularity, first_order] = library_meta_gradients(
                 model,
-                problem,
                 theta,
-                non_trainable,
+                tf.nest.map_structure(tf.constant, non_trainable),
                 data,
                 alpha,
                 num_steps,
                 first_order=first_order,
             )
-        return cache[key]
+        return outputs
+
+    results = run_in_graph(all_cases)
+
+    def get(problem, num_steps, granularity, first_order=False):
+        return results[problem, num_steps, granularity, first_order]
 
     return get
 
@@ -374,9 +387,9 @@ def test_one_step_exact_alpha_gradient_has_closed_form(granularity, meta_results
     assert_all_close(grad_alpha, expected)
 
 
-def library_hvp(model, problem, theta, non_trainable, batch, vector):
+def library_hvp(model, theta, non_trainable, batch, vector):
     return run_in_graph(
-        lambda t, n, b, v: gradients.hessian_vector_product(model, problem, t, n, b, v),
+        lambda t, n, b, v: gradients.hessian_vector_product(model, t, n, b, v),
         theta,
         non_trainable,
         batch,
@@ -393,7 +406,7 @@ def test_hessian_vector_product_matches_finite_differences_of_gradients(classifi
     theta = random_theta(shapes, 12)
     part = packed_client("classification", 2, seed=13)["support"]
     vector = random_theta(shapes, 14)
-    hvp = library_hvp(model, "classification", theta, non_trainable, one_batch(part, 1), vector)
+    hvp = library_hvp(model, theta, non_trainable, one_batch(part, 1), vector)
 
     def grad_at(sign):
         shifted = [w.astype(np.float64) + sign * EPS * v for w, v in zip(theta, vector)]
@@ -413,7 +426,7 @@ def test_hessian_vector_product_matches_closed_form_softmax_regression_hessian(
     theta = random_theta(shapes, 15)
     part = packed_client("classification", 2, seed=16)["support"]
     vector = random_theta(shapes, 17)
-    hvp = library_hvp(model, "classification", theta, non_trainable, one_batch(part, 1), vector)
+    hvp = library_hvp(model, theta, non_trainable, one_batch(part, 1), vector)
 
     x, _ = real_examples(part, 1)
     assert 0 < len(x) < part["mask"].shape[1]  # the batch is partly padded

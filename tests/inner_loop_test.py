@@ -70,9 +70,9 @@ def run_in_graph(fn, *args):
             return session.run(outputs)
 
 
-def library_local_sgd(model, problem, weights, batches, step_sizes, epochs):
+def library_local_sgd(model, weights, batches, step_sizes, epochs, **kwargs):
     return run_in_graph(
-        lambda w, b, s: inner_loop.local_sgd(model, problem, w, b, s, epochs),
+        lambda w, b, s: inner_loop.local_sgd(model, w, b, s, epochs, **kwargs),
         weights,
         batches,
         step_sizes,
@@ -91,9 +91,11 @@ def ref_loss(problem, theta, x, y):
     return tf.reduce_mean(tf.square(h - y.astype(np.float64)))
 
 
-def ref_local_sgd(problem, theta, batches, rates, epochs, order=None):
-    """Plain SGD on each non-empty batch in `order` (default: as stored), for `epochs` passes."""
-    theta = [tf.constant(w, tf.float64) for w in theta]
+def ref_local_sgd(problem, theta, batches, rates, epochs, order=None, mu=0.0):
+    """Plain SGD on each non-empty batch in `order` (default: as stored), for `epochs` passes;
+    with `mu`, on loss + mu/2 ||w - theta||^2 (FedProx's proximal objective)."""
+    start = [tf.constant(w, tf.float64) for w in theta]
+    theta = list(start)
     rates = list(rates) if isinstance(rates, (tuple, list)) else [rates] * len(theta)
     order = range(len(batches["mask"])) if order is None else order
     for _ in range(epochs):
@@ -104,6 +106,11 @@ def ref_local_sgd(problem, theta, batches, rates, epochs, order=None):
             with tf.GradientTape() as tape:
                 tape.watch(theta)
                 loss = ref_loss(problem, theta, batches["x"][b][keep], batches["y"][b][keep])
+                loss += (
+                    mu
+                    / 2
+                    * tf.add_n([tf.reduce_sum(tf.square(w - s)) for w, s in zip(theta, start)])
+                )
             grads = tape.gradient(loss, theta)
             theta = [w - np.asarray(a, np.float64) * g for w, a, g in zip(theta, rates, grads)]
     return [w.numpy() for w in theta]
@@ -126,9 +133,7 @@ def test_local_sgd_scalar_step_size_equals_reference_loop(classifier):
     # Batch 1 is all padding (skipped), batch 2 is partly padded.
     batches = packed_batches("classification", 2, [4, 0, 3, 2], seed=2)
     rate = np.float32(0.4)
-    trained = library_local_sgd(
-        model, "classification", (theta, weights[1]), batches, rate, epochs=2
-    )
+    trained = library_local_sgd(model, (theta, weights[1]), batches, rate, epochs=2)
     expected = ref_local_sgd("classification", theta, batches, rate, epochs=2)
     assert_all_close(trained, expected)
     # Not vacuous: training moved the weights, and neither one epoch nor another batch order
@@ -146,7 +151,7 @@ def test_local_sgd_per_coordinate_step_sizes_equal_reference_loop(regressor):
     batches = packed_batches("regression", 1, [3, 4, 0], seed=4)
     rng = np.random.default_rng(5)
     rates = tuple(rng.uniform(0.05, 0.3, size=w.shape).astype(np.float32) for w in theta)
-    trained = library_local_sgd(model, "regression", (theta, weights[1]), batches, rates, epochs=3)
+    trained = library_local_sgd(model, (theta, weights[1]), batches, rates, epochs=3)
     expected = ref_local_sgd("regression", theta, batches, rates, epochs=3)
     assert_all_close(trained, expected)
     assert max_abs_difference(theta, expected) > 0.05
@@ -156,13 +161,29 @@ def test_local_sgd_per_coordinate_step_sizes_equal_reference_loop(regressor):
     assert max_abs_difference(trained, scalar) > 100 * ATOL
 
 
+def test_local_sgd_with_a_proximal_term_descends_the_proximal_objective(classifier):
+    """FedProx (arXiv 1812.06127): the gradient of mu/2 ||w - w_0||^2, by autodiff here."""
+    model, weights = classifier
+    theta = random_theta(weights, 12)
+    batches = packed_batches("classification", 2, [4, 0, 3, 2], seed=13)
+    rate, mu = np.float32(0.4), 0.7
+    trained = library_local_sgd(
+        model, (theta, weights[1]), batches, rate, epochs=2, proximal_strength=mu
+    )
+    expected = ref_local_sgd("classification", theta, batches, rate, epochs=2, mu=mu)
+    assert_all_close(trained, expected)
+    # Not vacuous: the proximal term changes the result.
+    plain = ref_local_sgd("classification", theta, batches, rate, epochs=2)
+    assert max_abs_difference(trained, plain) > 100 * ATOL
+
+
 @pytest.mark.parametrize("problem", ["classification", "regression"])
 def test_local_sgd_on_all_padding_leaves_weights_unchanged(problem, classifier, regressor):
     model, weights = classifier if problem == "classification" else regressor
     theta = random_theta(weights, 6)
     x_dim = 2 if problem == "classification" else 1
     batches = packed_batches(problem, x_dim, [0, 0, 0], seed=7)
-    trained = library_local_sgd(model, problem, (theta, weights[1]), batches, np.float32(0.5), 2)
+    trained = library_local_sgd(model, (theta, weights[1]), batches, np.float32(0.5), 2)
     for t, w in zip(trained, theta):
         np.testing.assert_array_equal(t, w)
 
@@ -171,7 +192,7 @@ def test_local_sgd_with_zero_epochs_leaves_weights_unchanged(classifier):
     model, weights = classifier
     theta = random_theta(weights, 8)
     batches = packed_batches("classification", 2, [4, 4], seed=9)
-    trained = library_local_sgd(model, "classification", (theta, weights[1]), batches, 0.5, 0)
+    trained = library_local_sgd(model, (theta, weights[1]), batches, 0.5, 0)
     for t, w in zip(trained, theta):
         np.testing.assert_array_equal(t, w)
 

@@ -1,4 +1,12 @@
-"""Tests of `mfl_tff.meta.losses`: masked losses and metrics against numpy closed forms."""
+"""Tests of `mfl_tff.meta.losses`: masked losses and metrics of a model on packed batches.
+
+The losses are the FunctionalModel's own (`model.loss`, its metric functions), so the references
+are numpy closed forms of the loss the model was built with: softmax cross-entropy and accuracy
+for a softmax regression, mean squared error for a linear regression, and the Huber loss for a
+model compiled with it. Padding rows hold values that would dominate any mean they leaked into.
+Functional models predict only in a graph: each test builds one and runs it in a session (no TFF
+worker).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ from mfl_tff.meta import losses
 from mfl_tff.models import functional, keras_models
 
 
-def _np_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def np_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[label], computed stably in float64."""
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -20,94 +28,25 @@ def _np_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return log_z - shifted[np.arange(len(labels)), labels]
 
 
-def _padded_batch(rng, num_real, capacity, num_classes):
-    """Logits and labels with `num_real` real rows followed by garbage padding rows."""
-    logits = rng.normal(size=(capacity, num_classes)).astype(np.float32)
-    labels = rng.integers(0, num_classes, size=capacity).astype(np.int32)
-    # Padding rows get extreme values: any leak into the mean would show.
-    logits[num_real:] = 1e4 * rng.normal(size=(capacity - num_real, num_classes))
-    mask = (np.arange(capacity) < num_real).astype(np.float32)
-    return logits, labels, mask
+def np_huber(error: np.ndarray, delta: float = 1.0) -> np.ndarray:
+    error = np.abs(error.astype(np.float64))
+    return np.where(error <= delta, 0.5 * error**2, delta * (error - 0.5 * delta))
 
 
-def test_masked_cross_entropy_equals_the_plain_mean_over_real_examples():
-    rng = np.random.default_rng(0)
-    for num_real in (1, 5, 11, 12):
-        logits, labels, mask = _padded_batch(rng, num_real, 12, 5)
-        per_example = losses.per_example_loss("classification", tf.constant(logits), labels)
-        got = losses.masked_mean(per_example, tf.constant(mask)).numpy()
-        expected = _np_cross_entropy(logits[:num_real], labels[:num_real]).mean()
-        assert got == pytest.approx(expected, rel=1e-5)
+def run_in_graph(fn):
+    """`fn()` built in a fresh graph and run in a session; numpy out."""
+    with tf.Graph().as_default() as graph:
+        outputs = fn()
+        with tf.compat.v1.Session(graph=graph) as session:
+            return session.run(outputs)
 
 
-def test_cross_entropy_closed_form_for_uniform_logits():
-    per_example = losses.per_example_loss("classification", tf.zeros([3, 7]), [0, 3, 6])
-    np.testing.assert_allclose(per_example.numpy(), np.full(3, np.log(7.0)), rtol=1e-6)
-
-
-def test_an_all_padding_mask_gives_zero_not_nan():
-    values = tf.constant([2.0, -3.0])
-    for problem, predictions, y in (
-        ("classification", tf.constant([[1.0, 2.0], [3.0, 0.0]]), tf.constant([0, 1])),
-        ("regression", tf.constant([[1.0], [2.0]]), tf.constant([[0.5], [4.0]])),
-    ):
-        mask = tf.zeros([2])
-        loss = losses.masked_mean(losses.per_example_loss(problem, predictions, y), mask)
-        metric = losses.masked_mean(losses.per_example_metric(problem, predictions, y), mask)
-        assert loss.numpy() == 0.0 and metric.numpy() == 0.0
-    assert losses.masked_mean(values, tf.zeros([2])).numpy() == 0.0
-
-
-def test_regression_squared_error_closed_form():
-    predictions = np.array([[1.0], [2.5], [-1.0], [100.0]], np.float32)
-    y = np.array([[3.0], [2.0], [-1.0], [0.0]], np.float32)
-    per_example = losses.per_example_loss("regression", tf.constant(predictions), tf.constant(y))
-    np.testing.assert_allclose(per_example.numpy(), [4.0, 0.25, 0.0, 10000.0])
-    mask = tf.constant([1.0, 1.0, 1.0, 0.0])
-    assert losses.masked_mean(per_example, mask).numpy() == pytest.approx((4.0 + 0.25) / 3)
-    metric = losses.per_example_metric("regression", tf.constant(predictions), tf.constant(y))
-    np.testing.assert_allclose(metric.numpy(), per_example.numpy())
-
-
-def test_regression_with_several_outputs_averages_over_them():
-    predictions = tf.constant([[1.0, 2.0], [0.0, 0.0]])
-    y = tf.constant([[0.0, 0.0], [1.0, 3.0]])
-    per_example = losses.per_example_loss("regression", predictions, y)
-    np.testing.assert_allclose(per_example.numpy(), [(1 + 4) / 2, (1 + 9) / 2])
-
-
-def test_regression_with_scalar_targets_is_per_example_or_rejected():
-    predictions = tf.constant([[1.0], [2.0], [4.0]])
-    y = tf.constant([1.0, 0.0, 1.0])
-    try:
-        per_example = losses.per_example_loss("regression", predictions, y)
-    except (ValueError, tf.errors.InvalidArgumentError):
-        return  # rejecting the mismatch is a fix too
-    np.testing.assert_allclose(per_example.numpy(), [0.0, 4.0, 9.0])
-
-
-def test_accuracy_metric_is_the_masked_fraction_of_correct_argmax():
-    rng = np.random.default_rng(1)
-    logits, labels, mask = _padded_batch(rng, 9, 16, 4)
-    labels[:3] = np.argmax(logits[:3], axis=1)  # a few certain hits
-    hits = losses.per_example_metric("classification", tf.constant(logits), tf.constant(labels))
-    expected_hits = (np.argmax(logits, axis=1) == labels).astype(np.float32)
-    np.testing.assert_array_equal(hits.numpy(), expected_hits)
-    accuracy = losses.masked_mean(hits, tf.constant(mask)).numpy()
-    assert accuracy == pytest.approx(expected_hits[:9].mean())
-    assert 3 / 9 <= accuracy <= 1.0
-
-
-def test_a_fractional_mask_weights_the_mean():
+def test_masked_mean_weighs_by_the_mask_and_is_zero_not_nan_when_empty():
     values = tf.constant([1.0, 2.0, 4.0])
     assert losses.masked_mean(values, tf.constant([1.0, 0.5, 0.0])).numpy() == pytest.approx(
         (1.0 + 1.0) / 1.5
     )
-
-
-def test_unknown_problem_raises():
-    with pytest.raises(ValueError, match="problem"):
-        losses.per_example_loss("ranking", tf.zeros([2, 2]), tf.zeros([2]))
+    assert losses.masked_mean(values, tf.zeros([3])).numpy() == 0.0
 
 
 def test_flatten_batches_merges_the_batch_axes_in_order():
@@ -122,34 +61,87 @@ def test_flatten_batches_merges_the_batch_axes_in_order():
     np.testing.assert_array_equal(flat["mask"].numpy(), [1, 1, 1, 1, 0, 0])
 
 
-def test_part_loss_and_metric_of_a_functional_model_match_numpy():
-    model = functional.functional_model(
+def padded_part(rng, y):
+    """Two batches of 5 of 3 features; the second batch's last 3 rows are padding."""
+    x = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    mask = np.ones((2, 5), np.float32)
+    mask[1, 2:] = 0.0
+    x[1, 2:] = 1e3  # padding that would dominate if it leaked
+    return {"x": x, "y": y, "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return functional.functional_model(
         functools.partial(keras_models.softmax_regression, 3, 4),
         x_shape=(3,),
         problem="classification",
         seed=0,
     )
-    (kernel, bias), _ = model.initial_weights
+
+
+def test_part_loss_and_metric_of_a_classifier_match_numpy(classifier):
+    (kernel, bias), _ = classifier.initial_weights
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(2, 5, 3)).astype(np.float32)
-    y = rng.integers(0, 4, size=(2, 5)).astype(np.int32)
-    mask = np.ones((2, 5), np.float32)
-    mask[1, 2:] = 0.0
-    x[1, 2:] = 1e3  # padding that would dominate if it leaked
-    part = {"x": x, "y": y, "mask": mask}
-    with tf.Graph().as_default() as graph:  # functional models need a graph context
-        loss, metric = losses.part_loss_and_metric(
-            model, "classification", model.initial_weights, part
+    part = padded_part(rng, rng.integers(0, 4, size=(2, 5)).astype(np.int32))
+    x, y, mask = part["x"], part["y"], part["mask"]
+    weights = classifier.initial_weights
+
+    def library():
+        batch = tf.nest.map_structure(tf.constant, (x[1], y[1], mask[1]))
+        return (
+            *losses.part_loss_and_metric(classifier, weights, part),
+            losses.model_loss(classifier, weights, *batch),
+            losses.model_loss(classifier, weights, *batch[:2], tf.zeros([5])),
         )
-        batch_loss = losses.model_loss(
-            model, "classification", model.initial_weights, x[1], y[1], mask[1]
-        )
-        with tf.compat.v1.Session(graph=graph) as session:
-            loss, metric, batch_loss = session.run([loss, metric, batch_loss])
+
+    loss, metric, batch_loss, empty_loss = run_in_graph(library)
     real = mask.reshape(-1) > 0
     logits = x.reshape(-1, 3)[real] @ kernel + bias
     labels = y.reshape(-1)[real]
-    assert loss == pytest.approx(_np_cross_entropy(logits, labels).mean(), rel=1e-5)
+    assert loss == pytest.approx(np_cross_entropy(logits, labels).mean(), rel=1e-5)
     assert metric == pytest.approx(np.mean(np.argmax(logits, axis=1) == labels))
     batch_logits = x[1, :2] @ kernel + bias
-    assert batch_loss == pytest.approx(_np_cross_entropy(batch_logits, y[1, :2]).mean(), rel=1e-5)
+    assert batch_loss == pytest.approx(np_cross_entropy(batch_logits, y[1, :2]).mean(), rel=1e-5)
+    assert empty_loss == 0.0  # an all-padding batch: 0, not NaN
+
+
+def test_metric_value_is_the_models_metric_over_real_examples(classifier):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(16, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=16).astype(np.int32)
+    labels[:3] = np.argmax(logits[:3], axis=1)  # a few certain hits
+    logits[9:] = 1e4 * rng.normal(size=(7, 4))  # padding
+    mask = (np.arange(16) < 9).astype(np.float32)
+    accuracy = losses.metric_value(
+        classifier, tf.constant(logits), tf.constant(labels), tf.constant(mask)
+    ).numpy()
+    expected = np.mean(np.argmax(logits[:9], axis=1) == labels[:9])
+    assert accuracy == pytest.approx(expected)
+    assert 3 / 9 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize("loss", [None, tf.keras.losses.Huber()])
+def test_part_loss_and_metric_of_a_regressor_use_the_models_own_loss(loss):
+    """The default loss is the mean squared error; a Huber-built model trains on Huber. The
+    metric (mse) is the same for both."""
+    model = functional.functional_model(
+        lambda: keras_models.mlp((3,), (), 1),
+        x_shape=(3,),
+        problem="regression",
+        loss=loss,
+        seed=4,
+    )
+    (kernel, bias), _ = model.initial_weights
+    rng = np.random.default_rng(3)
+    part = padded_part(rng, (3.0 * rng.normal(size=(2, 5, 1))).astype(np.float32))
+    got_loss, got_metric = run_in_graph(
+        lambda: losses.part_loss_and_metric(model, model.initial_weights, part)
+    )
+    real = part["mask"].reshape(-1) > 0
+    error = (part["x"].reshape(-1, 3)[real] @ kernel + bias) - part["y"].reshape(-1, 1)[real]
+    mse = np.mean(np.square(error.astype(np.float64)))
+    expected = mse if loss is None else np.mean(np_huber(error))
+    assert got_loss == pytest.approx(expected, rel=1e-5)
+    assert got_metric == pytest.approx(mse, rel=1e-5)
+    assert np.mean(np_huber(error)) != pytest.approx(mse, rel=1e-2)  # the losses differ here

@@ -15,6 +15,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import meta_sgd
 from mfl_tff.data import sinusoid
+from tests import testing
 
 INITIAL_ALPHA = 0.02
 INNER_STEPS = 2
@@ -40,26 +41,14 @@ def process(task):
     return meta_sgd.build_meta_sgd(
         task.model_fn,
         task.client_data_type(),
-        problem=task.problem,
         initial_alpha=INITIAL_ALPHA,
         inner_steps=INNER_STEPS,
         meta_optimizer=tff.learning.optimizers.build_sgdm(learning_rate=META_LR),
     )
 
 
-def f64(values):
-    return [tf.constant(np.asarray(v, np.float64)) for v in values]
-
-
 def mse(weights, part):
-    keep = part["mask"].reshape(-1) > 0
-    h = tf.constant(part["x"].reshape(-1, 1)[keep], tf.float64)
-    y = tf.constant(part["y"].reshape(-1, 1)[keep], tf.float64)
-    for i in range(0, len(weights), 2):
-        h = tf.matmul(h, weights[i]) + weights[i + 1]
-        if i + 2 < len(weights):
-            h = tf.nn.relu(h)
-    return tf.reduce_mean(tf.square(h - y))
+    return testing.mlp_squared_error(weights, testing.real_examples(part))
 
 
 def meta_sgd_gradients(theta, alpha, client):
@@ -79,6 +68,7 @@ def meta_sgd_gradients(theta, alpha, client):
 
 
 def flat(values):
+    """Raveled and concatenated, in their own dtype (alpha is float32)."""
     return np.concatenate([np.ravel(np.asarray(v)) for v in values])
 
 
@@ -98,13 +88,13 @@ def test_one_round_steps_theta_and_alpha_by_exact_gradients(process, clients):
         for a in process.get_hparams(state)["alpha"]
     )
     state = process.set_hparams(state, {"alpha": alpha})
-    theta = f64(process.get_model_weights(state).trainable)
-    grad_theta, grad_alpha, post = meta_sgd_gradients(theta, f64(alpha), clients[0])
+    theta = testing.f64(process.get_model_weights(state).trainable)
+    grad_theta, grad_alpha, post = meta_sgd_gradients(theta, testing.f64(alpha), clients[0])
     output = process.next(state, clients[:1])
     new_theta = process.get_model_weights(output.state).trainable
     new_alpha = process.get_hparams(output.state)["alpha"]
     expected_theta = [t - META_LR * g for t, g in zip(theta, grad_theta)]
-    expected_alpha = [a - META_LR * g for a, g in zip(f64(alpha), grad_alpha)]
+    expected_alpha = [a - META_LR * g for a, g in zip(testing.f64(alpha), grad_alpha)]
     assert np.max(np.abs(flat(new_alpha) - flat(alpha))) > 1e-5  # alpha did move
     np.testing.assert_allclose(flat(new_theta), flat(expected_theta), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(flat(new_alpha), flat(expected_alpha), rtol=RTOL, atol=ATOL)
@@ -132,7 +122,7 @@ def test_post_adaptation_loss_falls_over_ten_rounds(process, clients):
 
 
 def test_round_whose_clients_are_all_rejected_leaves_alpha_finite(process, clients):
-    poisoned = tf.nest.map_structure(np.copy, clients[0])
+    poisoned = testing.copy_client(clients[0])
     poisoned["query"]["y"][0, 0, 0] = np.inf
     output = process.next(process.initialize(), [poisoned])
     assert output.metrics["client_work"]["num_clients_rejected"] == 1
@@ -144,7 +134,11 @@ def test_round_whose_clients_are_all_rejected_leaves_alpha_finite(process, clien
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        (dict(initial_alpha=-0.1), ValueError, "alpha"),
+        pytest.param(
+            dict(initial_alpha=-0.1),
+            ValueError,
+            "alpha",
+        ),
         (dict(inner_steps=0), ValueError, "inner_steps"),
         (dict(meta_optimizer=tf.keras.optimizers.Adam()), TypeError, "tff.learning.optimizers"),
         (dict(meta_aggregator=tff.aggregators.MeanFactory), TypeError, "Weighted"),
@@ -152,6 +146,4 @@ def test_round_whose_clients_are_all_rejected_leaves_alpha_finite(process, clien
 )
 def test_bad_options_raise_actionable_errors(task, options, error, message):
     with pytest.raises(error, match=message):
-        meta_sgd.build_meta_sgd(
-            task.model_fn, task.client_data_type(), problem=task.problem, **options
-        )
+        meta_sgd.build_meta_sgd(task.model_fn, task.client_data_type(), **options)

@@ -2,10 +2,13 @@
 
 References share no code with the library:
 * TFF's own `tff.learning.algorithms.build_weighted_fed_avg` for the `local` adaptive update with a
-  meta learning rate of 0 (MFL then reduces to FedAvg);
+  meta learning rate of 0 (MFL then reduces to FedAvg at the rate alpha, which stays frozen);
 * a plain-TensorFlow float64 re-implementation of the digits MLP (dense layers written out), of
   K-step SGD on the real examples of each batch (picked by boolean indexing, not masks), and of
   exact meta-gradients by nested `tf.GradientTape`s, run eagerly.
+
+Each process is built once per module (a build costs seconds; a round a fraction of one), and
+TFF's reference runs are made once and shared.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import mfl
-from mfl_tff.data import digits, packing
+from mfl_tff.algorithms import builders, mfl
+from mfl_tff.data import digits
+from tests import testing
 
 LR = 0.1
 ROUNDS = 3
@@ -65,39 +69,46 @@ def meta_clients(task):
 
 
 def build(task, **options):
-    return mfl.build_mfl(task.model_fn, task.client_data_type(), problem=task.problem, **options)
+    return mfl.build_mfl(task.model_fn, task.client_data_type(), **options)
+
+
+# Four processes, each built once (a build costs seconds, a round a fraction of one). The `local`
+# update reduces to FedAvg with scalar alpha (support process) and per-coordinate alpha (local/all
+# process); per_layer alpha takes the same path as per-coordinate (one rate tensor per weight
+# tensor) and is the meta process's.
 
 
 @pytest.fixture(scope="module")
 def local_all(task):
-    """`local_all(granularity)`: the `local`/`all` process with meta lr 0, built once each."""
-    built = {}
-
-    def get(granularity):
-        if granularity not in built:
-            built[granularity] = build(
-                task,
-                adaptive_update="local",
-                adaptive_data="all",
-                alpha_granularity=granularity,
-                initial_alpha=LR,
-                meta_optimizer=sgd(0.0),
-                server_optimizer=sgd(1.0),
-            )
-        return built[granularity]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def support_process(task):
+    """The `local`/`all` process, per-coordinate alpha, meta lr 0 (an optimizer instance)."""
     return build(
         task,
         adaptive_update="local",
+        adaptive_data="all",
+        alpha_granularity="per_coordinate",
         initial_alpha=LR,
         meta_optimizer=sgd(0.0),
         server_optimizer=sgd(1.0),
     )
+
+
+@pytest.fixture(scope="module")
+def support_process(task):
+    """The default `local` update (support data) with scalar alpha and meta_lr=0 by name: the
+    default meta optimizer (Adam) at rate 0, and the server's SGD 1.0."""
+    process, _ = builders.build_algorithm(
+        "mfl",
+        task,
+        builders.AlgorithmOptions(
+            adaptive_update="local",
+            alpha_granularity="scalar",
+            inner_lr=LR,
+            meta_lr=0.0,
+            server_optimizer="sgd",
+            server_lr=1.0,
+        ),
+    )
+    return process
 
 
 @pytest.fixture(scope="module")
@@ -136,46 +147,30 @@ def tff_fedavg(task):
     )
 
 
+@pytest.fixture(scope="module")
+def tff_reference(tff_fedavg):
+    """`tff_reference(clients, parts, rounds)`: TFF FedAvg's weights, each run made once."""
+    runs = {}
+
+    def get(client_values, parts, rounds):
+        key = (tuple(id(c) for c in client_values), parts, rounds)
+        if key not in runs:
+            datasets = [testing.as_dataset(c, parts) for c in client_values]
+            state, _ = run(tff_fedavg, datasets, rounds)
+            runs[key] = tff_fedavg.get_model_weights(state).trainable
+        return runs[key]
+
+    return get
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain-TensorFlow float64 reference (eager; no Keras, no mfl_tff code).
 
 
-def f64(values):
-    return [tf.constant(np.asarray(v, np.float64)) for v in values]
-
-
-def forward(weights, x):
-    h = tf.reshape(x, [tf.shape(x)[0], -1])
-    for i in range(0, len(weights), 2):
-        h = tf.matmul(h, weights[i]) + weights[i + 1]
-        if i + 2 < len(weights):
-            h = tf.nn.relu(h)
-    return h
-
-
-def loss_of(weights, batch):
-    x, y = batch
-    logits = forward(weights, x)
-    return tf.reduce_mean(tf.reduce_logsumexp(logits, axis=1) - tf.gather(logits, y, batch_dims=1))
-
-
-def batches(part):
-    """Every packed batch's real examples; None for an all-padding batch."""
-    out = []
-    for b in range(part["mask"].shape[0]):
-        keep = part["mask"][b] > 0
-        out.append(
-            (tf.constant(part["x"][b][keep], tf.float64), tf.constant(part["y"][b][keep]))
-            if keep.any()
-            else None
-        )
-    return out
-
-
-def whole(part):
-    keep = part["mask"].reshape(-1) > 0
-    x = part["x"].reshape((-1,) + part["x"].shape[2:])[keep]
-    return tf.constant(x, tf.float64), tf.constant(part["y"].reshape(-1)[keep])
+f64 = testing.f64
+loss_of = testing.mlp_cross_entropy
+batches = testing.real_batches
+whole = testing.real_examples
 
 
 def sgd_step(weights, step_sizes, batch):
@@ -236,62 +231,66 @@ def query_size(client) -> int:
     return int(client["query"]["mask"].sum())
 
 
-def max_abs_diff(a, b) -> float:
-    return max(
-        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-        for x, y in zip(a, b)
-    )
-
-
-def run(process, client_values, rounds, state=None):
-    state = state if state is not None else process.initialize()
-    outputs = []
-    for _ in range(rounds):
-        output = process.next(state, client_values)
-        state = output.state
-        outputs.append(output)
-    return state, outputs
+max_abs_diff = testing.max_abs_diff
+run = testing.run_rounds
 
 
 # ---------------------------------------------------------------------------------------------
 # `local` adaptive update with meta lr 0 is FedAvg.
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_local_all_data_reduces_to_tff_fedavg(local_all, granularity, tff_fedavg, clients):
-    process = local_all(granularity)
-    state, outputs = run(process, clients, ROUNDS)
-    datasets = [
-        packing.to_dataset(c["support"]).concatenate(packing.to_dataset(c["query"]))
-        for c in clients
-    ]
-    ref_state, _ = run(tff_fedavg, datasets, ROUNDS)
+def test_local_all_data_reduces_to_tff_fedavg(local_all, tff_reference, clients):
+    process = local_all
+    state, _ = run(process, clients, ROUNDS)
     ours = process.get_model_weights(state).trainable
     initial = process.get_model_weights(process.initialize()).trainable
     assert max_abs_diff(ours, initial) > 1e-2
-    diff = max_abs_diff(ours, tff_fedavg.get_model_weights(ref_state).trainable)
-    MEASURED[f"local/all/{granularity} vs TFF FedAvg, 3 rounds"] = diff
+    diff = max_abs_diff(ours, tff_reference(clients, ("support", "query"), ROUNDS))
+    MEASURED["local/all/per_coordinate vs TFF FedAvg, 3 rounds"] = diff
     assert diff <= TOLERANCE
     for a in process.get_hparams(state)["alpha"]:
         np.testing.assert_allclose(a, LR, rtol=1e-7)  # meta lr 0 leaves alpha alone
 
 
-def test_local_support_only_equals_tff_fedavg_on_support(support_process, tff_fedavg, clients):
-    state, _ = run(support_process, clients, ROUNDS)
-    ref_state, _ = run(tff_fedavg, [packing.to_dataset(c["support"]) for c in clients], ROUNDS)
+def test_meta_lr_zero_freezes_alpha_and_local_on_support_is_fedavg_at_rate_alpha(
+    support_process, tff_reference, clients
+):
+    """meta_lr=0 (by name, Adam): alpha stays exactly the initial rate although its
+    meta-gradients are not zero; theta then follows FedAvg with client SGD at that rate (the
+    initial alpha, LR for every parameter) on the support parts only."""
+    state, outputs = run(support_process, clients, ROUNDS)
+    for output in outputs:
+        assert output.metrics["meta_update"]["meta_gradient_norm"] > 1e-3  # not a vacuous freeze
+    for a in support_process.get_hparams(state)["alpha"]:
+        np.testing.assert_array_equal(a, np.float32(LR))
     diff = max_abs_diff(
         support_process.get_model_weights(state).trainable,
-        tff_fedavg.get_model_weights(ref_state).trainable,
+        tff_reference(clients, ("support",), ROUNDS),
     )
     MEASURED["local/support vs TFF FedAvg on support, 3 rounds"] = diff
     assert diff <= TOLERANCE
+    # Training on support only is not training on everything.
+    assert (
+        max_abs_diff(
+            tff_reference(clients, ("support",), ROUNDS),
+            tff_reference(clients, ("support", "query"), ROUNDS),
+        )
+        > 1e-3
+    )
+
+
+@pytest.fixture(scope="module")
+def model_shapes(task):
+    return [tuple(np.shape(w)) for w in task.model_fn().initial_weights[0]]
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_alpha_shape_follows_granularity(local_all, task, granularity):
-    process = local_all(granularity)
+def test_alpha_shape_follows_granularity(
+    support_process, meta_process, local_all, model_shapes, granularity
+):
+    process = {"scalar": support_process, "per_layer": meta_process}.get(granularity, local_all)
     alpha = process.get_hparams(process.initialize())["alpha"]
-    shapes = [tuple(np.shape(w)) for w in task.model_fn().initial_weights[0]]
+    shapes = model_shapes
     expected = {
         "scalar": [()],
         "per_layer": [()] * len(shapes),
@@ -301,7 +300,7 @@ def test_alpha_shape_follows_granularity(local_all, task, granularity):
 
 
 def test_set_hparams_round_trips_and_the_adaptive_update_uses_it(local_all, clients):
-    process = local_all("per_coordinate")
+    process = local_all
     state = process.initialize()
     rng = np.random.default_rng(7)
     new_alpha = tuple(
@@ -422,35 +421,28 @@ def test_meta_adaptive_update_is_weighted_exact_maml_gradient(meta_process, meta
 
 
 def with_nan_input(client):
-    poisoned = tf.nest.map_structure(np.copy, client)
+    poisoned = testing.copy_client(client)
     poisoned["support"]["x"][0, 0, 2, 5] = np.nan
     poisoned["query"]["x"][0, 0, 2, 5] = np.nan
     return poisoned
 
 
-def test_non_finite_client_is_rejected_not_averaged(local_all, tff_fedavg, clients):
-    process = local_all("scalar")
+def test_non_finite_client_is_rejected_not_averaged(local_all, tff_reference, clients):
+    process = local_all
     poisoned = [clients[0], clients[1], with_nan_input(clients[2]), clients[3]]
     state, outputs = run(process, poisoned, 2)
     others = [clients[0], clients[1], clients[3]]
-    ref_state, _ = run(
-        tff_fedavg,
-        [
-            packing.to_dataset(c["support"]).concatenate(packing.to_dataset(c["query"]))
-            for c in others
-        ],
-        2,
-    )
     ours = process.get_model_weights(state).trainable
     assert all(np.all(np.isfinite(w)) for w in ours)
-    diff = max_abs_diff(ours, tff_fedavg.get_model_weights(ref_state).trainable)
-    MEASURED["NaN client rejected (local/all/scalar), 2 rounds"] = diff
+    diff = max_abs_diff(ours, tff_reference(others, ("support", "query"), 2))
+    MEASURED["NaN client rejected (local/all/per_coordinate), 2 rounds"] = diff
     assert diff <= TOLERANCE
     for output in outputs:
         for phase in ("meta_client_work", "adaptive_client_work"):
             assert output.metrics[phase]["num_clients_rejected"] == 1
         assert np.all(np.isfinite(output.metrics["meta_update"]["meta_gradient_norm"]))
-    np.testing.assert_allclose(process.get_hparams(state)["alpha"][0], LR, rtol=1e-7)
+    for a in process.get_hparams(state)["alpha"]:
+        np.testing.assert_allclose(a, LR, rtol=1e-7)
 
 
 def test_round_whose_clients_are_all_rejected_leaves_alpha_and_model_unchanged(
@@ -475,7 +467,11 @@ def test_round_whose_clients_are_all_rejected_leaves_alpha_and_model_unchanged(
         (dict(adaptive_update="fedavg"), ValueError, r"adaptive_update must be one of.*local"),
         (dict(adaptive_data="query"), ValueError, r"adaptive_data must be one of.*support"),
         (dict(alpha_granularity="per_unit"), ValueError, r"per_layer"),
-        (dict(initial_alpha=0.0), ValueError, "alpha"),
+        pytest.param(
+            dict(initial_alpha=0.0),
+            ValueError,
+            "alpha",
+        ),
         (dict(min_alpha=-1.0), ValueError, "min_alpha"),
         (dict(inner_steps=0), ValueError, "inner_steps"),
         (dict(local_epochs=0), ValueError, "local_epochs"),

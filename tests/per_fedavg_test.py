@@ -22,6 +22,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import per_fedavg
 from mfl_tff.data import digits
+from tests import testing
 
 ALPHA = 0.05
 BETA = 0.1
@@ -55,7 +56,6 @@ def build(task, variant):
     return per_fedavg.build_per_fedavg(
         task.model_fn,
         task.client_data_type(),
-        problem=task.problem,
         variant=variant,
         inner_lr=ALPHA,
         outer_lr=BETA,
@@ -73,19 +73,11 @@ def processes(task):
 # Plain-TensorFlow float64 reference.
 
 
-def loss_of(weights, batch):
-    x, y = batch
-    h = tf.reshape(x, [tf.shape(x)[0], -1])
-    for i in range(0, len(weights), 2):
-        h = tf.matmul(h, weights[i]) + weights[i + 1]
-        if i + 2 < len(weights):
-            h = tf.nn.relu(h)
-    return tf.reduce_mean(tf.reduce_logsumexp(h, axis=1) - tf.gather(h, y, batch_dims=1))
+loss_of = testing.mlp_cross_entropy
 
 
 def batch(part, index):
-    keep = part["mask"][index] > 0
-    return tf.constant(part["x"][index][keep], tf.float64), tf.constant(part["y"][index][keep])
+    return testing.real_examples(part, index)
 
 
 def gradient(weights, data):
@@ -125,9 +117,7 @@ def flat(values):
 
 def round_result(process, client_values):
     state = process.initialize()
-    theta = [
-        tf.constant(np.asarray(w, np.float64)) for w in process.get_model_weights(state).trainable
-    ]
+    theta = testing.f64(process.get_model_weights(state).trainable)
     output = process.next(state, client_values)
     return theta, process.get_model_weights(output.state).trainable, output.metrics
 
@@ -166,11 +156,12 @@ def test_clients_are_averaged_by_example_count(processes, clients):
         (dict(variant="so"), r"variant must be one of.*fo.*hf"),
         (dict(inner_lr=0.0), "inner_lr"),
         (dict(outer_lr=float("inf")), "outer_lr"),
-        (dict(local_steps=0), "local_steps"),
+        pytest.param(
+            dict(local_steps=0),
+            "local_steps",
+        ),
     ],
 )
 def test_bad_options_raise_value_errors(task, options, message):
     with pytest.raises(ValueError, match=message):
-        per_fedavg.build_per_fedavg(
-            task.model_fn, task.client_data_type(), problem=task.problem, **options
-        )
+        per_fedavg.build_per_fedavg(task.model_fn, task.client_data_type(), **options)

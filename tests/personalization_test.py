@@ -48,7 +48,6 @@ def evaluate(task):
         task.model_fn,
         task.client_data_type("eval"),
         alpha_type,
-        problem=task.problem,
         max_steps=MAX_STEPS,
         fine_tune_lr=FINE_TUNE_LR,
         guard_after=GUARD_AFTER,
@@ -191,6 +190,5 @@ def test_bad_options_raise_value_errors(task, options, message):
             task.model_fn,
             task.client_data_type("eval"),
             tff.types.to_type((np.float32,)),
-            problem=task.problem,
             **settings,
         )

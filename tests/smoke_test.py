@@ -43,10 +43,7 @@ def test_fedavg_trains_on_builtin_task_and_stops_its_worker(name, emnist_dir):
     losses = []
     with runtime.local_execution():
         process = fedavg.build_fedavg(
-            task.model_fn,
-            task.client_data_type(),
-            problem=task.problem,
-            client_learning_rate=learning_rate,
+            task.model_fn, task.client_data_type(), client_learning_rate=learning_rate
         )
         state = process.initialize()
         for _ in range(ROUNDS + 1):

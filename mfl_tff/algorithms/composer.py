@@ -178,6 +178,11 @@ def compose(
     phases = algorithm.phases(model, options)
     learns_meta = algorithm.learns_meta
     weights_type = client_work.model_weights_type(model)
+    # Every record's options are checked before any TFF part is made from them, so a wrong kind
+    # of factory is a TypeError naming the option, not an error from inside TFF.
+    for name in ("model_aggregator", "meta_aggregator"):
+        if getattr(options, name) is not None:
+            checks.check_aggregator(name, getattr(options, name))
     optimizers = {"model": algorithm.optimizer("model", options)}
     factories = {"model": options.model_aggregator or tff.aggregators.MeanFactory()}
     aggregators = {"model": create_aggregator(factories["model"], weights_type.trainable)}
@@ -197,10 +202,6 @@ def compose(
         finalizers["meta"] = build_meta_finalizer(
             optimizers["meta"], initial_meta, min_meta=min_meta
         )
-    for name, optimizer in optimizers.items():
-        checks.check_optimizer(f"{name} optimizer", optimizer)
-    for name, factory in factories.items():
-        checks.check_aggregator(f"{name}_aggregator", factory)
     works = tuple(
         client_work.build_client_work(
             phase.client_fn,

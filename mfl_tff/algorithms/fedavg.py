@@ -16,7 +16,7 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import client_work, composer
+from mfl_tff.algorithms import checks, client_work, composer
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
 from mfl_tff.meta import inner_loop, losses
 
@@ -98,6 +98,7 @@ def build_fedavg(
       TypeError: If an optimizer or aggregator is of the wrong kind.
       ValueError: If a rate or count is out of range.
     """
+    checks.check_positive_rate("client_learning_rate", client_learning_rate)
     options = AlgorithmOptions(
         inner_lr=client_learning_rate,
         local_epochs=local_epochs,

@@ -5,7 +5,9 @@ Each client runs local SGD on f(w) + mu/2 ||w - w_global||^2, which bounds how f
 clients drift within a round; the server averages the deltas as FedAvg does. This module is also
 the README's example of adding an algorithm: a client function (here FedAvg's, with the proximal
 term switched on), one `Algorithm` record, and one line in `mfl_tff.algorithms.catalog`. It is
-tested equal to TFF's own `tff.learning.algorithms.build_weighted_fed_prox`.
+tested against an independent float64 implementation of the paper's update, not against TFF 0.87's
+`build_weighted_fed_prox`, whose client adds mu * (w_global - w) to the gradient: the opposite
+sign of the proximal term's gradient (`tests/fedprox_test.py` pins that down).
 """
 
 from __future__ import annotations

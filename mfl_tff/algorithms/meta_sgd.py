@@ -17,7 +17,7 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import client_work, composer
+from mfl_tff.algorithms import checks, client_work, composer
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
 from mfl_tff.meta import gradients, hparams
 
@@ -98,6 +98,7 @@ def build_meta_sgd(
       A `tff.learning.templates.LearningProcess`; `get_hparams(state)['alpha']` is the learned
       alpha.
     """
+    checks.check_positive_rate("initial_alpha", initial_alpha)
     options = AlgorithmOptions(
         inner_lr=initial_alpha,
         inner_steps=inner_steps,

@@ -191,6 +191,7 @@ def build_mfl(
       ValueError: For an unknown choice or an out-of-range number.
       TypeError: For an optimizer or aggregator of the wrong kind.
     """
+    checks.check_positive_rate("initial_alpha", initial_alpha)
     options = AlgorithmOptions(
         alpha_granularity=alpha_granularity,
         inner_lr=initial_alpha,

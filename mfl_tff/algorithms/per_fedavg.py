@@ -130,6 +130,7 @@ def build_per_fedavg(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    checks.check_positive_int("local_steps", local_steps)
     options = AlgorithmOptions(
         inner_lr=inner_lr,
         outer_lr=outer_lr,

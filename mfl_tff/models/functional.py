@@ -36,6 +36,7 @@ def masked_mean(values: tf.Tensor, mask: Optional[tf.Tensor]) -> tf.Tensor:
 
 def _match_label_rank(y: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
     # Scalar targets [B] against one output per example [B, 1] would broadcast to [B, B].
+    y, predictions = tf.convert_to_tensor(y), tf.convert_to_tensor(predictions)
     if y.shape.rank == predictions.shape.rank - 1 and predictions.shape[-1] == 1:
         return tf.expand_dims(y, -1)
     return y
@@ -56,6 +57,7 @@ def per_example_loss_fn(loss: LossLike) -> Callable[[tf.Tensor, tf.Tensor], tf.T
         )
 
     def per_example(predictions, y):
+        predictions = tf.convert_to_tensor(predictions)
         y = _match_label_rank(y, predictions)
         if y.dtype.is_floating or not predictions.dtype.is_floating:
             y = tf.cast(y, predictions.dtype)
@@ -66,12 +68,14 @@ def per_example_loss_fn(loss: LossLike) -> Callable[[tf.Tensor, tf.Tensor], tf.T
 
 def accuracy(predictions: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     """1.0 where the largest logit is the integer label, else 0.0 (one per example)."""
+    predictions = tf.convert_to_tensor(predictions)
     hit = tf.equal(tf.argmax(predictions, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
     return tf.cast(hit, tf.float32)
 
 
 def squared_error(predictions: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     """Squared error averaged over the output axis (one per example)."""
+    predictions = tf.convert_to_tensor(predictions)
     y = tf.cast(_match_label_rank(y, predictions), predictions.dtype)
     return tf.reduce_mean(tf.square(predictions - y), axis=-1)
 
