@@ -17,84 +17,46 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import aggregation, builders
-from mfl_tff.data import registry
+from tests import testing
 
-NUM_CLIENTS = 4
+NUM_CLIENTS = testing.AGGREGATOR_TEST_CLIENTS
 CLIP = 0.05
 
 pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
-OPTIONS = dict(
-    inner_lr=0.4,
-    inner_steps=2,
-    meta_optimizer="sgd",
-    meta_lr=1.0,
-    server_optimizer="sgd",
-    server_lr=1.0,
-)
-
 
 @pytest.fixture(scope="module")
-def task():
-    return registry.get_task("digits_fewshot", num_train_clients=8, num_eval_clients=2)
-
-
-@pytest.fixture(scope="module")
-def clients(task):
-    clients = task.train_clients(task.train_data.client_ids[:NUM_CLIENTS], 1)
-    counts = {float(np.sum(c["support"]["mask"]) + np.sum(c["query"]["mask"])) for c in clients}
+def clients(fewshot_clients):
+    counts = {
+        float(np.sum(c["support"]["mask"]) + np.sum(c["query"]["mask"])) for c in fewshot_clients
+    }
     assert len(counts) == 1, "the clients must hold equal example counts"
-    return clients
+    return fewshot_clients
 
 
 def _huge(client, scale=1e3):
     """A client whose update is finite but far larger than the others'."""
-    client = tf.nest.map_structure(np.copy, client)
+    client = testing.copy_client(client)
     for part in ("support", "query"):
         client[part]["x"] *= scale
     return client
 
 
 def _empty(client):
-    client = tf.nest.map_structure(np.zeros_like, client)
-    return client
-
-
-_PROCESSES = {}
+    return tf.nest.map_structure(np.zeros_like, client)
 
 
 def _process(task, algorithm, kind, **settings):
-    """Builds (once per configuration) `algorithm` with `kind` aggregators."""
-    key = (algorithm, kind, tuple(sorted(settings.items())))
-    if key not in _PROCESSES:
-        learns_alpha = algorithm in builders.LEARNS_ALPHA
-        if kind == "dp":
-            settings = dict(settings, clients_per_round=NUM_CLIENTS)
-        aggregators = aggregation.build_aggregators(kind, learns_alpha=learns_alpha, **settings)
-        options = builders.AlgorithmOptions(
-            **OPTIONS, model_aggregator=aggregators.model, meta_aggregator=aggregators.meta
-        )
-        _PROCESSES[key] = builders.build_algorithm(algorithm, task, options)[0]
-    return _PROCESSES[key]
-
-
-def _flat(values):
-    return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in values])
+    return testing.with_aggregators(task, algorithm, kind, NUM_CLIENTS, **settings)
 
 
 def _round(process, clients):
-    """(theta move, alpha move or None, metrics) of one round from the initial state."""
+    """(theta move, alpha move or None, output) of one round from the initial state."""
     state = process.initialize()
     output = process.next(state, clients)
-    theta = _flat(process.get_model_weights(output.state).trainable) - _flat(
-        process.get_model_weights(state).trainable
-    )
-    alpha = None
-    if process.get_hparams is not None and "alpha" in process.get_hparams(state):
-        alpha = _flat(process.get_hparams(output.state)["alpha"]) - _flat(
-            process.get_hparams(state)["alpha"]
-        )
-    return theta, alpha, output
+    theta, alpha = testing.model_and_alpha(process, state)
+    new_theta, new_alpha = testing.model_and_alpha(process, output.state)
+    return new_theta - theta, None if alpha is None else new_alpha - alpha, output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,17 +131,17 @@ def test_parse_clip_norm():
             aggregation.parse_clip_norm(bad)
 
 
-def test_cohorts_are_refused_with_per_client_aggregators(task):
+def test_cohorts_are_refused_with_per_client_aggregators(fewshot_task):
     dp = aggregation.build_aggregators(
         "dp", learns_alpha=False, noise_multiplier=1.0, clip_norm=1.0, clients_per_round=4
     )
     options = builders.AlgorithmOptions(model_aggregator=dp.model, cohort_size=4)
     with pytest.raises(ValueError, match="cohort_size=None"):
-        builders.build_algorithm("fedavg", task, options)
+        builders.build_algorithm("fedavg", fewshot_task, options)
     robust = aggregation.build_aggregators("robust", learns_alpha=True)
     options = builders.AlgorithmOptions(meta_aggregator=robust.meta, cohort_size=4)
     with pytest.raises(ValueError, match="meta_aggregator"):
-        builders.build_algorithm("mfl", task, options)
+        builders.build_algorithm("mfl", fewshot_task, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +149,9 @@ def test_cohorts_are_refused_with_per_client_aggregators(task):
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "mfl"])
-def test_dp_without_noise_and_with_a_large_clip_equals_the_mean(task, clients, algorithm):
-    mean_theta, mean_alpha, _ = _round(_process(task, algorithm, "mean"), clients)
-    dp = _process(task, algorithm, "dp", noise_multiplier=0.0, clip_norm=1e6)
+def test_dp_without_noise_and_with_a_large_clip_equals_the_mean(fewshot_task, clients, algorithm):
+    mean_theta, mean_alpha, _ = _round(_process(fewshot_task, algorithm, "mean"), clients)
+    dp = _process(fewshot_task, algorithm, "dp", noise_multiplier=0.0, clip_norm=1e6)
     dp_theta, dp_alpha, output = _round(dp, clients)
     assert np.max(np.abs(mean_theta)) > 1e-3  # the round did move the model
     np.testing.assert_allclose(dp_theta, mean_theta, rtol=0, atol=1e-6)
@@ -209,14 +171,14 @@ def _leaves(metrics, prefix=""):
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "mfl"])
-def test_clipping_bounds_what_one_huge_client_can_move(task, clients, algorithm):
+def test_clipping_bounds_what_one_huge_client_can_move(fewshot_task, clients, algorithm):
     """A client sending a huge update moves the model by at most clip / clients_per_round, while
     the same client under the mean moves it by orders of magnitude more."""
     # Large enough to need clipping, small enough that mfl's second-order meta-gradients stay
     # finite (an update whose norm overflows is rejected outright: tests/faults_test.py).
     with_huge = [_huge(clients[0], scale=1e3 if algorithm == "fedavg" else 10.0)] + clients[1:]
     without = [_empty(clients[0])] + clients[1:]
-    dp = _process(task, algorithm, "dp", noise_multiplier=0.0, clip_norm=CLIP)
+    dp = _process(fewshot_task, algorithm, "dp", noise_multiplier=0.0, clip_norm=CLIP)
     theta_huge, alpha_huge, _ = _round(dp, with_huge)
     theta_without, alpha_without, _ = _round(dp, without)
     bound = CLIP / NUM_CLIENTS
@@ -232,8 +194,8 @@ def test_clipping_bounds_what_one_huge_client_can_move(task, clients, algorithm)
     MEASURED[f"{algorithm} huge client's share"] = (float(share), bound)
     # Clipped, not zeroed: its share is the whole clip over the expected clients.
     assert bound * 0.99 <= share <= bound * (1 + 1e-4)
-    mean_huge, _, _ = _round(_process(task, algorithm, "mean"), with_huge)
-    mean_without, _, _ = _round(_process(task, algorithm, "mean"), without)
+    mean_huge, _, _ = _round(_process(fewshot_task, algorithm, "mean"), with_huge)
+    mean_without, _, _ = _round(_process(fewshot_task, algorithm, "mean"), without)
     if algorithm == "fedavg":
         unclipped = np.linalg.norm(mean_huge - mean_without)
         MEASURED["fedavg huge client's share under the mean"] = (float(unclipped), bound)
@@ -244,11 +206,11 @@ def test_clipping_bounds_what_one_huge_client_can_move(task, clients, algorithm)
     "algorithm, clip_norm",
     [("fedavg", CLIP), ("mfl", CLIP), ("fedavg", "adaptive")],
 )
-def test_dp_noise_has_the_stated_standard_deviation(task, clients, algorithm, clip_norm):
+def test_dp_noise_has_the_stated_standard_deviation(fewshot_task, clients, algorithm, clip_norm):
     """Empty clients send zero updates, so the round's move is the noise alone: per coordinate,
     standard deviation noise * clip / clients_per_round, with the noise of each stream."""
     z = 1.0
-    process = _process(task, algorithm, "dp", noise_multiplier=z, clip_norm=clip_norm)
+    process = _process(fewshot_task, algorithm, "dp", noise_multiplier=z, clip_norm=clip_norm)
     theta, _, output = _round(process, [_empty(c) for c in clients])
     streams = 2 if algorithm == "mfl" else 1
     release = z * math.sqrt(streams)

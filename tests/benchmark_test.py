@@ -3,33 +3,14 @@ the printed tables, one-line errors, and no worker left behind. Timings are not 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
-import psutil
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _run(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _workers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "worker_binary"}
+from tests import testing
 
 
 def _positive(value) -> bool:
@@ -42,15 +23,38 @@ def _check_timing(timing: dict) -> None:
     assert timing["min"] <= timing["median"] <= timing["max"]
 
 
+BAD_FLAGS = {
+    "unknown_algorithm": (("--algorithms=fedavg,nope",), ("nope", "fedavg")),
+    "too_many_clients": (("--quick", "--clients_per_round=9"), ("--num_train_clients",)),
+}
+
+
+CASES = {"quick": ("--quick",), **{case: flags for case, (flags, _) in BAD_FLAGS.items()}}
+
+
+def _run(case: str, scratch: pathlib.Path):
+    """One benchmark run: (Run, its --output path). `run_binary` checks its workers are gone."""
+    out = scratch / case / "bench.json"
+    return testing.run_binary("benchmark", *CASES[case], f"--output={out}"), out
+
+
+# Started early by conftest.py, one process a job.
+BACKGROUND_JOBS = {"runs": {case: functools.partial(_run, case) for case in CASES}}
+
+
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """One --quick run: (parsed JSON, stdout)."""
-    before = _workers()
-    out = tmp_path_factory.mktemp("benchmark") / "sub" / "bench.json"
-    result = _run("--quick", f"--output={out}")
+def runs(background):
+    """{case: (Run, output path)} of the --quick run and each BAD_FLAGS case."""
+    return background.results(__name__, "runs")
+
+
+@pytest.fixture(scope="module")
+def quick(runs):
+    """The --quick run: (parsed JSON, stdout)."""
+    result, out = runs["quick"]
     assert result.returncode == 0, result.stderr[-3000:]
-    # The worker this run started is gone, and nothing else was written next to the JSON.
-    assert _workers() <= before
+    assert result.workers.workers, "the benchmark started no worker of its own"
+    # Nothing else was written next to the JSON.
     assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]
     return json.loads(out.read_text()), result.stdout
 
@@ -128,18 +132,11 @@ def test_targets_and_printed_tables(quick):
     assert "| memory run | rounds |" in stdout
 
 
-def test_bad_flag_is_one_line_error_and_writes_nothing(tmp_path):
-    out = tmp_path / "bench.json"
-    result = _run("--algorithms=fedavg,nope", f"--output={out}", timeout=120)
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flag_is_one_line_error_naming_the_fix_and_writes_nothing(runs, case):
+    result, out = runs[case]
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert "nope" in last and "fedavg" in last and "Traceback" not in result.stderr
-    assert not out.exists()
-
-
-def test_too_many_clients_names_the_fix(tmp_path):
-    out = tmp_path / "bench.json"
-    result = _run("--quick", "--clients_per_round=9", f"--output={out}", timeout=120)
-    assert result.returncode != 0
-    assert "--num_train_clients" in result.stderr.strip().splitlines()[-1]
-    assert not out.exists()
+    last = testing.last_line(result.stderr)
+    assert all(word in last for word in BAD_FLAGS[case][1]), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not out.parent.exists()

@@ -2,47 +2,49 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import pathlib
-import subprocess
-import sys
 
-import psutil
+import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import testing
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = (
+    "--algorithms=fedavg,mfl",
+    "--total_rounds=2",
+    "--rounds_per_eval=1",
+    "--num_eval_clients=4",
+    "--clients_per_round=3",
+    "--cohort_size=3",
+    "--inner_steps=1",
+)
 
 
-def _run(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.compare", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+CASES = {"small": SMALL, "unknown_algorithm": ("--algorithms=fedavg,nope",)}
 
 
-def _workers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "worker_binary"}
+def _run(case: str, scratch: pathlib.Path):
+    """One comparison: (Run, its --output_dir). `run_binary` checks its workers are gone."""
+    out = scratch / case
+    return testing.run_binary("compare", *CASES[case], f"--output_dir={out}"), out
 
 
-def test_compare_writes_a_row_per_algorithm_and_a_png(tmp_path):
-    before = _workers()
-    result = _run(
-        "--algorithms=fedavg,mfl",
-        "--total_rounds=2",
-        "--rounds_per_eval=1",
-        "--num_eval_clients=4",
-        "--clients_per_round=3",
-        "--cohort_size=3",
-        "--inner_steps=1",
-        f"--output_dir={tmp_path}",
-    )
+# Started early by conftest.py, one process a job.
+BACKGROUND_JOBS = {"runs": {case: functools.partial(_run, case) for case in CASES}}
+
+
+@pytest.fixture(scope="module")
+def runs(background):
+    """{case: (Run, output dir)} of the small comparison and the bad-flag run."""
+    return background.results(__name__, "runs")
+
+
+def test_compare_writes_a_row_per_algorithm_and_a_png(runs):
+    result, out = runs["small"]
     assert result.returncode == 0, result.stderr[-2000:]
-    table = (tmp_path / "comparison.md").read_text().splitlines()
+    assert result.workers.workers, "the comparison started no worker of its own"
+    table = (out / "comparison.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| fedavg") or line.startswith("| mfl")]
     assert [row.split("|")[1].strip() for row in rows] == ["fedavg", "mfl"]
     for row in rows:
@@ -50,17 +52,15 @@ def test_compare_writes_a_row_per_algorithm_and_a_png(tmp_path):
         assert cells[1] == "2"  # rounds
         for value in cells[2:6]:  # before/after mean and p10 are accuracies
             assert 0.0 <= float(value) <= 1.0
-    png = (tmp_path / "comparison.png").read_bytes()
+    png = (out / "comparison.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     # The printed table is the written one.
     assert "\n".join(rows) in result.stdout
-    assert _workers() <= before
 
 
-def test_unknown_algorithm_is_one_line_error_and_writes_nothing(tmp_path):
-    out = tmp_path / "out"
-    result = _run("--algorithms=fedavg,nope", f"--output_dir={out}", timeout=120)
+def test_unknown_algorithm_is_one_line_error_and_writes_nothing(runs):
+    result, out = runs["unknown_algorithm"]
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+    last = testing.last_line(result.stderr)
     assert "nope" in last and "fedavg" in last and "Traceback" not in result.stderr
     assert not out.exists()

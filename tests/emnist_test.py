@@ -12,7 +12,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.simulation.datasets import download as tff_download
 
 from mfl_tff.data import emnist
-from tests.conftest import (
+from tests.testing import (
     NUM_EVAL,
     NUM_WRITERS,
     NUM_WRITERS_ALL,

@@ -5,6 +5,9 @@ alpha stay finite, and the metrics count the dropped clients. The training progr
 
 A rejected client has weight 0, so under a weighted aggregator the round must equal the same
 round without that client; that is checked to 1e-6.
+
+Task, clients and options are aggregation_test.py's (conftest.py, `testing.with_aggregators`), so
+the processes both build are built once.
 """
 
 from __future__ import annotations
@@ -16,33 +19,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mfl_tff.algorithms import aggregation, builders
-from mfl_tff.data import registry
+from mfl_tff.algorithms import builders
 from mfl_tff.training import outputs, program
+from tests import testing
 
-NUM_CLIENTS = 4
+NUM_CLIENTS = testing.AGGREGATOR_TEST_CLIENTS
 FAULTS = ("nan_data", "inf_data", "empty", "exploding_update", "all_fail")
 
 pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
-@pytest.fixture(scope="module")
-def task():
-    return registry.get_task("digits_fewshot", num_train_clients=8, num_eval_clients=2)
-
-
-@pytest.fixture(scope="module")
-def clients(task):
-    return task.train_clients(task.train_data.client_ids[:NUM_CLIENTS], 1)
-
-
-def _copy(client):
-    return tf.nest.map_structure(np.copy, client)
-
-
 def faulty(fault: str, client, outlier_scale: float = 1e3):
     """`client` with `fault`."""
-    client = _copy(client)
+    client = testing.copy_client(client)
     if fault in ("nan_data", "all_fail"):
         client["support"]["x"][0, 3, 2, 2] = np.nan
     elif fault == "inf_data":
@@ -61,44 +50,20 @@ def faulty(fault: str, client, outlier_scale: float = 1e3):
     return client
 
 
-_PROCESSES = {}
-
-
 def build(task, algorithm, kind):
-    if (algorithm, kind) not in _PROCESSES:
-        settings = {}
-        if kind == "dp":
-            settings = dict(noise_multiplier=1.0, clip_norm=0.1, clients_per_round=NUM_CLIENTS)
-        aggregators = aggregation.build_aggregators(
-            kind, learns_alpha=algorithm in builders.LEARNS_ALPHA, **settings
-        )
-        options = builders.AlgorithmOptions(
-            inner_lr=0.4,
-            inner_steps=2,
-            meta_optimizer="sgd",
-            meta_lr=0.1,
-            server_optimizer="sgd",
-            server_lr=1.0,
-            model_aggregator=aggregators.model,
-            meta_aggregator=aggregators.meta,
-        )
-        _PROCESSES[(algorithm, kind)] = builders.build_algorithm(algorithm, task, options)[0]
-    return _PROCESSES[(algorithm, kind)]
-
-
-def flat_values(process, state):
-    values = list(process.get_model_weights(state).trainable)
-    if "alpha" in process.get_hparams(state):
-        values += list(process.get_hparams(state)["alpha"])
-    return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in values])
+    settings = dict(noise_multiplier=1.0, clip_norm=0.1) if kind == "dp" else {}
+    return testing.with_aggregators(task, algorithm, kind, NUM_CLIENTS, **settings)
 
 
 def run(process, clients):
     """(move of theta and alpha, flattened metrics) of one round from the initial state."""
     state = process.initialize()
     output = process.next(state, clients)
-    move = flat_values(process, output.state) - flat_values(process, state)
-    return move, program.flat_metrics(output.metrics)
+    before, after = (
+        np.concatenate([v for v in testing.model_and_alpha(process, s) if v is not None])
+        for s in (state, output.state)
+    )
+    return after - before, program.flat_metrics(output.metrics)
 
 
 def ending(metrics, suffix):
@@ -118,12 +83,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("algorithm, kind, fault", CASES)
-def test_fault_is_dropped_and_the_model_stays_finite(task, clients, algorithm, kind, fault):
-    process = build(task, algorithm, kind)
+def test_fault_is_dropped_and_the_model_stays_finite(
+    fewshot_task, fewshot_clients, algorithm, kind, fault
+):
+    process = build(fewshot_task, algorithm, kind)
     if fault == "all_fail":
-        round_clients = [faulty(fault, c) for c in clients]
+        round_clients = [faulty(fault, c) for c in fewshot_clients]
     else:
-        round_clients = [faulty(fault, clients[0])] + clients[1:]
+        round_clients = [faulty(fault, fewshot_clients[0])] + fewshot_clients[1:]
     move, metrics = run(process, round_clients)
     assert np.all(np.isfinite(move)), metrics
 
@@ -149,42 +116,44 @@ def test_fault_is_dropped_and_the_model_stays_finite(task, clients, algorithm, k
     if kind == "dp":
         return  # Noise differs from run to run; finiteness and the counts are the contract.
     # The faulty client had weight 0: the round is the round of the other clients.
-    reference, _ = run(process, clients[1:])
+    reference, _ = run(process, fewshot_clients[1:])
     np.testing.assert_allclose(move, reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "mfl"])
 def test_robust_aggregation_zeroes_a_finite_outlier_that_the_mean_lets_through(
-    task, clients, algorithm
+    fewshot_task, fewshot_clients, algorithm
 ):
     # Large, but small enough that mfl's second-order meta-gradients stay finite.
     scale = 1e3 if algorithm == "fedavg" else 10.0
-    outlier = [faulty("outlier", clients[0], scale)] + clients[1:]
-    clean, _ = run(build(task, algorithm, "robust"), clients[1:])
-    robust, metrics = run(build(task, algorithm, "robust"), outlier)
+    outlier = [faulty("outlier", fewshot_clients[0], scale)] + fewshot_clients[1:]
+    clean, _ = run(build(fewshot_task, algorithm, "robust"), fewshot_clients[1:])
+    robust, metrics = run(build(fewshot_task, algorithm, "robust"), outlier)
     assert sum(ending(metrics, "zeroed_count")) >= 1, metrics
     assert program.client_counts(metrics, NUM_CLIENTS)["zeroed"] >= 1
     # Zeroed, the outlier adds nothing (its weight still divides, so the move is at most the
     # clean round's).
     assert np.linalg.norm(robust) <= np.linalg.norm(clean) * 1.01
-    mean, _ = run(build(task, algorithm, "mean"), outlier)
+    mean, _ = run(build(fewshot_task, algorithm, "mean"), outlier)
     assert np.all(np.isfinite(mean))
     assert np.linalg.norm(mean) > 5 * np.linalg.norm(clean)
 
 
-def test_program_logs_dropped_clients_and_skipped_steps(task, clients, tmp_path, monkeypatch):
+def test_program_logs_dropped_clients_and_skipped_steps(
+    fewshot_task, fewshot_clients, tmp_path, monkeypatch
+):
     """Round 1: one NaN client; round 2: every client fails. The CSV counts them and the log
     says why."""
-    process = build(task, "fedavg", "robust")
+    process = build(fewshot_task, "fedavg", "robust")
     spec = builders.AlgorithmSpec(name="fedavg", learns_alpha=False, eval_steps=2)
 
     def train_clients(ids, round_num=None):
-        packed = [_copy(c) for c in clients[: len(ids)]]
+        packed = [testing.copy_client(c) for c in fewshot_clients[: len(ids)]]
         if round_num == 1:
             return [faulty("nan_data", packed[0])] + packed[1:]
         return [faulty("all_fail", c) for c in packed]
 
-    monkeypatch.setattr(task, "train_clients", train_clients)
+    monkeypatch.setattr(fewshot_task, "train_clients", train_clients)
     config = program.ProgramConfig(
         total_rounds=2,
         clients_per_round=NUM_CLIENTS,
@@ -194,7 +163,7 @@ def test_program_logs_dropped_clients_and_skipped_steps(task, clients, tmp_path,
     )
     paths = outputs.OutputPaths(str(tmp_path), "faults")
     lines = []
-    program.run_training(process, spec, task, config, paths, log=lines.append)
+    program.run_training(process, spec, fewshot_task, config, paths, log=lines.append)
     notes = [line for line in lines if line.startswith("note:")]
     assert notes == [
         f"note: round 1 dropped 1 of {NUM_CLIENTS} clients (0 without examples, 1 non-finite, "

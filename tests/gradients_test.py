@@ -14,12 +14,12 @@ coordinate is checked: the models have at most 33 parameters.
 from __future__ import annotations
 
 import numpy as np
-import psutil
 import pytest
 import tensorflow as tf
 
 from mfl_tff.meta import gradients, hparams
 from mfl_tff.models import functional, keras_models
+from mfl_tff.training import runtime
 
 EPS = 1e-6
 RTOL = 1e-3
@@ -34,10 +34,13 @@ MODEL_SHAPES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def no_worker_left():
-    """These tests run graphs in a Session; no `worker_binary` may be started (or left)."""
+    """These tests run graphs in a Session; they must start (or leave) no `worker_binary`.
+
+    Only this process's own workers count: the suite's background jobs run theirs.
+    """
+    before = set(runtime.live_worker_pids())
     yield
-    children = psutil.Process().children(recursive=True)
-    assert not [p.pid for p in children if "worker_binary" in p.name()]
+    assert set(runtime.live_worker_pids()) <= before
 
 
 # ---------------------------------------------------------------------------------------------

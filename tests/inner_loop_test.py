@@ -10,12 +10,12 @@ RTOL = 1e-4 and ATOL = 1e-6 leave a wide margin while the steps move the weights
 from __future__ import annotations
 
 import numpy as np
-import psutil
 import pytest
 import tensorflow as tf
 
 from mfl_tff.meta import inner_loop
 from mfl_tff.models import functional, keras_models
+from mfl_tff.training import runtime
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -23,10 +23,13 @@ ATOL = 1e-6
 
 @pytest.fixture(scope="module", autouse=True)
 def no_worker_left():
-    """These tests run graphs in a Session; no `worker_binary` may be started (or left)."""
+    """These tests run graphs in a Session; they must start (or leave) no `worker_binary`.
+
+    Only this process's own workers count: the suite's background jobs run theirs.
+    """
+    before = set(runtime.live_worker_pids())
     yield
-    children = psutil.Process().children(recursive=True)
-    assert not [p.pid for p in children if "worker_binary" in p.name()]
+    assert set(runtime.live_worker_pids()) <= before
 
 
 def _functional(keras_fn, x_shape, problem):

@@ -25,8 +25,7 @@ import pytest
 import tensorflow_federated as tff
 
 from mfl_tff.training import runtime
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import testing
 
 # Generous bounds for a 2-core machine where several Python processes import TensorFlow at once.
 CHILD_TIMEOUT_S = 90.0
@@ -204,6 +203,7 @@ import numpy as np
 import tensorflow_federated as tff
 
 from mfl_tff.training import runtime
+from tests import testing
 
 # Python's own Ctrl-C behaviour, even if the test runner was started with SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -244,10 +244,6 @@ class _Child:
     """A Python child process running `_CHILD_SCRIPT`, with bounded reads of its stdout."""
 
     def __init__(self, scenario: str, stderr_path: pathlib.Path) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
@@ -255,8 +251,8 @@ class _Child:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                cwd=REPO_ROOT,
-                env=env,
+                cwd=testing.REPO_ROOT,
+                env=testing.binary_env(),
             )
         self._buffer = b""
         self._eof = False
@@ -372,28 +368,28 @@ def test_child_exiting_normally_leaves_no_worker(children):
     assert _wait_until_gone(forgotten_pid), f"unstopped worker {forgotten_pid} outlived its parent"
 
 
-def test_child_killed_by_sigterm_leaves_no_worker(children):
-    child = children["sigterm"]
+def _signal_waiting_child(child: _Child, signum: int) -> int:
+    """Sends `signum` to the child blocked in its block (to the Python process only, not its
+    group: the worker must be stopped by our code); returns its exit status."""
     worker_pid = child.read_pid("WORKER")
     child.read_tagged("WAITING")
     _assert_worker_was_child_of(child, worker_pid)
-    child.process.send_signal(signal.SIGTERM)
+    child.process.send_signal(signum)
     rest = child.wait_for_eof()
-    # The handler re-delivers SIGTERM, so the parent sees the usual "killed by SIGTERM".
-    assert child.wait() == -signal.SIGTERM
+    status = child.wait()
     assert "AFTER" not in rest
     assert _wait_until_gone(worker_pid), f"worker {worker_pid} outlived its parent"
+    return status
+
+
+def test_child_killed_by_sigterm_leaves_no_worker(children):
+    status = _signal_waiting_child(children["sigterm"], signal.SIGTERM)
+    # The handler re-delivers SIGTERM, so the parent sees the usual "killed by SIGTERM".
+    assert status == -signal.SIGTERM
 
 
 def test_child_interrupted_by_ctrl_c_leaves_no_worker(children):
     child = children["sigint"]
-    worker_pid = child.read_pid("WORKER")
-    child.read_tagged("WAITING")
-    _assert_worker_was_child_of(child, worker_pid)
-    # Only to the Python process, not its group: the worker must be stopped by our code.
-    child.process.send_signal(signal.SIGINT)
-    rest = child.wait_for_eof()
-    assert child.wait() != 0
-    assert "AFTER" not in rest
+    status = _signal_waiting_child(child, signal.SIGINT)
+    assert status != 0
     assert "KeyboardInterrupt" in child.stderr_path.read_text(errors="replace")
-    assert _wait_until_gone(worker_pid), f"worker {worker_pid} outlived its parent"

@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 
 from mfl_tff.evaluation import summaries
+from tests import testing
 
-DESIGN_KEYS = {
-    "task",
-    "algorithm",
-    "metric",
-    "num_clients",
-    "rounds",
-    "before_adaptation",
-    "after_adaptation",
-    "steps_curve",
-}
-DISTRIBUTION_KEYS = {"mean", "p10", "median", "p90"}
+DESIGN_KEYS = testing.PERSONALIZATION_KEYS
+DISTRIBUTION_KEYS = testing.DISTRIBUTION_KEYS
 
 
 def test_distribution_matches_numpy_percentiles():

@@ -2,27 +2,34 @@
 
 As in TFF's own notebooks, cells marked `#@test {"skip": true}` (or tagged `skip-execution`) are
 the Colab-only install steps: they are dropped. The cell tagged `parameters` is followed by one
-that sets small values, so the whole notebook runs in seconds rather than minutes.
+that sets small values, so every cell runs once without training for minutes. The notebooks are
+executed as background jobs (conftest.py) while the other tests run.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+import functools
 import pathlib
+from collections.abc import Mapping
 
 import nbclient
 import nbformat
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TUTORIALS = ROOT / "tutorials"
+from tests import testing
 
+TUTORIALS = testing.REPO_ROOT / "tutorials"
+
+# The fewest rounds, clients and held-out clients that still run every cell: what is tested is that
+# the notebook runs and draws, not what it learns (and building each algorithm costs more than its
+# rounds).
 SMALL_SETTINGS = {
     "meta_federated_learning.ipynb": (
-        "ROUNDS = 4\nCLIENTS_PER_ROUND = 5\nEVAL_EVERY = 4\nEVAL_CLIENTS = 10\n"
-        "HAND_BUILT_ROUNDS = 2"
+        "ROUNDS = 2\nCLIENTS_PER_ROUND = 2\nEVAL_EVERY = 2\nEVAL_CLIENTS = 3\n"
+        "HAND_BUILT_ROUNDS = 1"
     ),
-    "custom_task.ipynb": "ROUNDS = 3\nCLIENTS_PER_ROUND = 4\nEVAL_CLIENTS = 8",
+    "custom_task.ipynb": "ROUNDS = 2\nCLIENTS_PER_ROUND = 2\nEVAL_CLIENTS = 3",
 }
 
 
@@ -47,19 +54,35 @@ def _prepared(path: pathlib.Path):
     return notebook
 
 
-def _execute(path: pathlib.Path, tmp_path: pathlib.Path):
-    notebook = _prepared(path)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def _client(name: str) -> tuple[nbclient.NotebookClient, dict[str, str]]:
+    """A client for the prepared tutorial `name`, and the environment of its kernel."""
     client = nbclient.NotebookClient(
-        notebook,
+        _prepared(TUTORIALS / name),
         timeout=600,
         kernel_name="python3",
         resources={"metadata": {"path": str(TUTORIALS)}},
     )
-    client.execute(env=env, cwd=str(TUTORIALS))
-    return notebook
+    return client, testing.binary_env()
+
+
+def _execute(name: str, scratch: pathlib.Path):
+    """The tutorial `name` executed (cells run in tutorials/, as a reader runs them)."""
+    client, env = _client(name)
+    # Its own event loop: this may run in a background thread.
+    return asyncio.run(client.async_execute(env=env, cwd=str(TUTORIALS)))
+
+
+# Started early by conftest.py, one kernel a job.
+BACKGROUND_JOBS = {
+    "executed": {name: functools.partial(_execute, name) for name in sorted(SMALL_SETTINGS)}
+}
+
+
+@pytest.fixture(scope="module")
+def executed(background) -> Mapping:
+    """`{name: the executed notebook}`, read lazily (a notebook that failed raises its error in
+    its own test)."""
+    return background.results(__name__, "executed")
 
 
 def _outputs(notebook) -> str:
@@ -72,19 +95,18 @@ def _outputs(notebook) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_SETTINGS))
-def test_tutorial_runs_top_to_bottom(name, tmp_path):
-    path = TUTORIALS / name
-    notebook = _prepared(path)
+def test_tutorial_runs_top_to_bottom(name, executed):
+    notebook = _prepared(TUTORIALS / name)
     assert any(
         "parameters" in c.metadata.get("tags", []) for c in notebook.cells
     ), f"{name} needs a cell tagged 'parameters' for the small test settings"
-    executed = _execute(path, tmp_path)
-    outputs = _outputs(executed)
+    result = executed[name]
+    outputs = _outputs(result)
     # The last cell stops the notebook's TFF worker and prints what is left.
     assert "workers still running: []" in outputs
     assert any(
         o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
-        for c in executed.cells
+        for c in result.cells
         for o in c.get("outputs", [])
     ), f"{name} should draw its plot"
 

@@ -1,18 +1,21 @@
 """Tests of `mfl_tff.training.worker`: TFF's worker_binary as a process we start and stop.
 
 The tests that run computations on workers, and the whole-process exit paths, are in
-runtime_test.py.
+runtime_test.py. The last tests here check the suite's own worker-leak check.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
+import portpicker
 import psutil
 import pytest
 
 from mfl_tff.training import worker
+from tests import testing
 
 
 @pytest.mark.timeout(60)
@@ -103,3 +106,49 @@ def test_check_target_rejects_what_is_not_host_port(target):
 )
 def test_check_target_accepts_host_port(target):
     worker.check_target(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite's own leak check (tests/testing.py), which every end-to-end test relies on.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_own_worker_check_catches_a_worker_its_child_orphaned():
+    # A child that starts a worker and exits without stopping it: the worker is reparented to
+    # init, where only the record made while the child ran can still find it.
+    port = portpicker.pick_unused_port()
+    child = subprocess.Popen(
+        ["sh", "-c", '"$@" & sleep 2', "sh", str(worker.worker_binary_path()), f"--port={port}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    own = testing.OwnWorkers(child.pid)
+    try:
+        testing.communicate_recording(child, own, timeout=30)
+        assert len(own.workers) == 1
+        (orphan,) = own.workers.values()
+        assert orphan.ppid() != child.pid
+        with pytest.raises(AssertionError, match="outlived its owner"):
+            own.assert_gone(timeout_s=1)
+    finally:
+        testing.kill_leftovers(own.workers.values())
+    own.assert_gone()
+
+
+@pytest.mark.timeout(60)
+def test_own_worker_check_ignores_workers_it_did_not_start():
+    # Another job's worker runs beside the suite; a child of ours that starts none has none.
+    with testing.operator_worker() as other:
+        child = subprocess.Popen(["sleep", "1"], start_new_session=True)
+        own = testing.OwnWorkers(child.pid)
+        testing.communicate_recording(child, own, timeout=30)
+        assert own.workers == {}
+        assert own.add_printed(f"TFF worker_binary pid {other.process.pid}\n") == [
+            other.process.pid
+        ]
+        assert own.workers == {}, "another job's worker counted as ours"
+        own.assert_gone()
+        assert other.running
