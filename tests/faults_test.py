@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from mfl_tff.algorithms import builders
-from mfl_tff.training import outputs, program
+from mfl_tff.training import outputs, program, progress
 from tests import testing
 
 NUM_CLIENTS = testing.AGGREGATOR_TEST_CLIENTS
@@ -63,7 +63,7 @@ def run(process, clients):
         np.concatenate([v for v in testing.model_and_alpha(process, s) if v is not None])
         for s in (state, output.state)
     )
-    return after - before, program.flat_metrics(output.metrics)
+    return after - before, progress.flat_metrics(output.metrics)
 
 
 def ending(metrics, suffix):
@@ -94,7 +94,7 @@ def test_fault_is_dropped_and_the_model_stays_finite(
     move, metrics = run(process, round_clients)
     assert np.all(np.isfinite(move)), metrics
 
-    counts = program.client_counts(metrics, NUM_CLIENTS)
+    counts = progress.client_counts(metrics, NUM_CLIENTS)
     expected_dropped = {"all_fail": NUM_CLIENTS}.get(fault, 1)
     assert counts["dropped"] == expected_dropped, counts
     if fault == "empty":
@@ -130,7 +130,7 @@ def test_robust_aggregation_zeroes_a_finite_outlier_that_the_mean_lets_through(
     clean, _ = run(build(fewshot_task, algorithm, "robust"), fewshot_clients[1:])
     robust, metrics = run(build(fewshot_task, algorithm, "robust"), outlier)
     assert sum(ending(metrics, "zeroed_count")) >= 1, metrics
-    assert program.client_counts(metrics, NUM_CLIENTS)["zeroed"] >= 1
+    assert progress.client_counts(metrics, NUM_CLIENTS)["zeroed"] >= 1
     # Zeroed, the outlier adds nothing (its weight still divides, so the move is at most the
     # clean round's).
     assert np.linalg.norm(robust) <= np.linalg.norm(clean) * 1.01
@@ -190,11 +190,11 @@ def test_client_counts_from_metric_names():
             ("model_aggregator/zeroing/clipped_count", 4),
         ]
     )
-    counts = program.client_counts(metrics, 10)
+    counts = progress.client_counts(metrics, 10)
     assert dict(counts) == dict(sampled=10, dropped=5, empty=1, rejected=3, zeroed=1)
-    assert program.dropped_line(7, counts, {"meta_update/update_non_finite": 1}) == (
+    assert progress.dropped_line(7, counts, {"meta_update/update_non_finite": 1}) == (
         "note: round 7 dropped 5 of 10 clients (1 without examples, 3 non-finite, 1 zeroed as "
         "outliers); no finite aggregate, step skipped: meta_update"
     )
-    clean = program.client_counts({"client_work/num_clients": 4}, 4)
-    assert clean["dropped"] == 0 and program.dropped_line(1, clean, {}) == ""
+    clean = progress.client_counts({"client_work/num_clients": 4}, 4)
+    assert clean["dropped"] == 0 and progress.dropped_line(1, clean, {}) == ""

@@ -29,7 +29,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import aggregation, builders
 from mfl_tff.data import digits
-from mfl_tff.training import outputs, privacy, program, rounds, state_manager
+from mfl_tff.training import outputs, privacy, program, progress, rounds, state_manager
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -493,36 +493,36 @@ def test_program_config_rejects_out_of_range_values():
 
 
 def test_format_duration():
-    assert program.format_duration(0) == "0:00"
-    assert program.format_duration(65.4) == "1:05"
-    assert program.format_duration(3 * 3600 + 62) == "3:01:02"
+    assert progress.format_duration(0) == "0:00"
+    assert progress.format_duration(65.4) == "1:05"
+    assert progress.format_duration(3 * 3600 + 62) == "3:01:02"
 
 
 def test_divergence_line():
-    assert program.divergence_line(3, 2.0, 1.0) == ""
-    assert program.divergence_line(3, 99.0, 1.0) == ""
+    assert progress.divergence_line(3, 2.0, 1.0) == ""
+    assert progress.divergence_line(3, 99.0, 1.0) == ""
     assert "round 3 training loss 100 is 100x its first value 1;" in (
-        program.divergence_line(3, 100.0, 1.0)
+        progress.divergence_line(3, 100.0, 1.0)
     )
-    assert "round 4 training loss is nan;" in program.divergence_line(4, float("nan"), 1.0)
-    assert "training loss is inf" in program.divergence_line(1, float("inf"), None)
+    assert "round 4 training loss is nan;" in progress.divergence_line(4, float("nan"), 1.0)
+    assert "training loss is inf" in progress.divergence_line(1, float("inf"), None)
     # Without a positive first value there is no ratio to grow.
-    assert program.divergence_line(2, 1e9, 0.0) == ""
-    assert program.divergence_line(2, 1e9, None) == ""
+    assert progress.divergence_line(2, 1e9, 0.0) == ""
+    assert progress.divergence_line(2, 1e9, None) == ""
 
 
 def test_headline_prefers_train_loss_then_query_loss():
-    assert program.headline({"client_work/train_loss": 0.5}) == "train loss 0.5000"
+    assert progress.headline({"client_work/train_loss": 0.5}) == "train loss 0.5000"
     metrics = {"a/pre_adaptation_loss": 2.0, "a/post_adaptation_loss": 1.25}
-    assert program.headline(metrics) == "query loss 1.2500"
-    assert program.headline({"other": 1.0}) == ""
-    assert program.headline_loss(metrics) == ("query loss", 1.25)
-    assert program.headline_loss({"other": 1.0}) is None
+    assert progress.headline(metrics) == "query loss 1.2500"
+    assert progress.headline({"other": 1.0}) == ""
+    assert progress.headline_loss(metrics) == ("query loss", 1.25)
+    assert progress.headline_loss({"other": 1.0}) is None
 
 
 def test_flat_metrics_names_columns_like_the_release_managers():
     metrics = {"client_work": {"train_loss": 1.0, "empty": ()}, "distributor": ()}
-    assert dict(program.flat_metrics(metrics)) == {"client_work/train_loss": 1.0}
+    assert dict(progress.flat_metrics(metrics)) == {"client_work/train_loss": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,8 +183,8 @@ def run_rounds(
         state = process.initialize()
     size = multi_round.rounds_per_call if multi_round is not None else 1
     for chunk in _chunks(list(rounds), size, state_needed):
-        ids = [round_client_ids(task, clients_per_round, r) for r in chunk]
         if len(chunk) == size and size > 1:
+            ids = [round_client_ids(task, clients_per_round, r) for r in chunk]
             values = [round_values(task, spec, i, r) for i, r in zip(ids, chunk)]
             state, metrics = multi_round(state, values)
             results = [
@@ -193,10 +193,9 @@ def run_rounds(
             ]
         else:
             results = []
-            for round_num, round_ids in zip(chunk, ids):
-                output = process.next(state, round_values(task, spec, round_ids, round_num))
-                state = output.state
-                results.append(RoundResult(round_num, state, output.metrics, round_ids))
+            for round_num in chunk:
+                results.append(run_round(process, spec, task, state, round_num, clients_per_round))
+                state = results[-1].state
         if after_round is not None:
             for result in results:
                 after_round(result)
