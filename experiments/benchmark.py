@@ -391,14 +391,8 @@ def _end_to_end() -> dict:
         )
         if task_name == "sinusoid":
             task = registry.get_task(task_name)
-            s = task.settings
-            options = builders.AlgorithmOptions(
-                inner_lr=s.inner_lr,
-                inner_steps=s.inner_steps,
-                meta_lr=s.meta_lr,
-                alpha_granularity=s.alpha_granularity,
-            )
-            floor = bm.XLAFloor(algorithm, task, options, s.clients_per_round)
+            options = builders.AlgorithmOptions.from_settings(task.settings)
+            floor = bm.XLAFloor(algorithm, task, options, task.settings.clients_per_round)
             floor.run_round()
             measured["xla_floor_ms"] = (
                 1000 * bm.summarize(bm.time_calls(lambda _, f=floor: f.run_round(), 200))["median"]

@@ -87,14 +87,8 @@ def _settings(task) -> TaskSettings:
 
 def _train_and_track(name: str, task, settings: TaskSettings, target: float) -> dict:
     """Trains one algorithm, evaluating on held-out clients every --rounds_per_eval rounds."""
-    options = builders.AlgorithmOptions(
-        inner_lr=settings.inner_lr,
-        inner_steps=settings.inner_steps,
-        local_epochs=settings.local_epochs,
-        meta_optimizer=settings.meta_optimizer,
-        meta_lr=settings.meta_lr,
-        outer_lr=settings.outer_lr,
-        alpha_granularity=settings.alpha_granularity,
+    options = builders.AlgorithmOptions.from_settings(
+        settings,
         cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
     )
     process, spec = builders.build_algorithm(name, task, options)

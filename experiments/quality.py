@@ -131,16 +131,10 @@ def _train_and_evaluate(
     """Trains `name` to the last checkpoint round, appending a row at each checkpoint round."""
     fine_tune_lr = _FINE_TUNE_LR.value or settings.inner_lr
     eval_steps = settings.adaptation_steps
-    options = builders.AlgorithmOptions(
-        inner_lr=settings.inner_lr,
-        inner_steps=settings.inner_steps,
-        local_epochs=settings.local_epochs,
-        outer_lr=settings.outer_lr,
-        meta_optimizer=settings.meta_optimizer,
-        meta_lr=settings.meta_lr,
+    options = builders.AlgorithmOptions.from_settings(
+        settings,
         server_optimizer=_SERVER_OPT.value,
         server_lr=_SERVER_LR.value,
-        alpha_granularity=settings.alpha_granularity,
         adaptive_update=_ADAPTIVE.value,
         cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
     )

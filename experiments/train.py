@@ -348,16 +348,10 @@ def _build_algorithm(
         )
     except ValueError as e:
         raise cfg.UsageError(f"--aggregator={kind}: {e}") from None
-    options = builders.AlgorithmOptions(
-        inner_lr=settings.inner_lr,
-        inner_steps=settings.inner_steps,
-        local_epochs=settings.local_epochs,
-        meta_optimizer=settings.meta_optimizer,
-        meta_lr=settings.meta_lr,
+    options = builders.AlgorithmOptions.from_settings(
+        settings,
         server_optimizer=cfg.SERVER_OPTIMIZER.value or None,
         server_lr=cfg.SERVER_LR.value,
-        outer_lr=settings.outer_lr,
-        alpha_granularity=settings.alpha_granularity,
         adaptive_update=cfg.ADAPTIVE_UPDATE.value,
         adaptive_data=cfg.ADAPTIVE_DATA.value,
         first_order=cfg.FIRST_ORDER.value,

@@ -14,6 +14,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import algorithm, catalog, fedavg
 from mfl_tff.algorithms.algorithm import AlgorithmOptions, ClientPhase
+from mfl_tff.data.settings import TaskSettings
 
 GRAD = np.array([0.5, -2.0, 0.25], np.float32)
 
@@ -256,3 +257,22 @@ def test_learns_meta_is_having_initial_meta_parameters():
         "meta_sgd",
         "mfl",
     }
+
+
+def test_options_from_a_tasks_settings_take_its_fields_and_the_overrides():
+    settings = TaskSettings(
+        inner_lr=0.03,
+        inner_steps=4,
+        local_epochs=2,
+        outer_lr=0.02,
+        meta_optimizer="sgd",
+        meta_lr=0.5,
+        alpha_granularity="scalar",
+        clients_per_round=7,
+    )
+    options = AlgorithmOptions.from_settings(settings, cohort_size=3, inner_steps=9)
+    assert (options.inner_lr, options.local_epochs, options.outer_lr) == (0.03, 2, 0.02)
+    assert (options.meta_optimizer, options.meta_lr) == ("sgd", 0.5)
+    assert options.alpha_granularity == "scalar"
+    assert options.inner_steps == 9  # an explicit option wins over the settings
+    assert options.cohort_size == 3

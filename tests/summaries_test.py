@@ -1,4 +1,6 @@
-"""Tests of `mfl_tff.evaluation.summaries`: the `personalization.json` document (DESIGN.md).
+"""Tests of `mfl_tff.evaluation.summaries`: the `personalization.json` document.
+
+Its contract is in docs/architecture.md, "File contracts".
 
 Pure numpy: no TFF computation runs here.
 """

@@ -530,7 +530,7 @@ def model_and_alpha(process, state) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return theta, (flat(hparams["alpha"]) if "alpha" in hparams else None)
 
 
-# The keys of personalization.json (DESIGN.md).
+# The keys of personalization.json (docs/architecture.md, "File contracts").
 PERSONALIZATION_KEYS = {
     "task",
     "algorithm",

@@ -1,10 +1,11 @@
 """End-to-end tests of `python -m experiments.train`, run as the subprocess a user would start.
 
 One tiny reference run (FedAvg on 6 digits clients, 3 per round, 6 rounds) is checked against
-DESIGN.md's file contract. The same command interrupted by Ctrl-C and then by `kill -9`, and rerun
-each time, must end with the reference's final model and metrics. Each kind of bad input must
-end with status 2 and one line on stderr naming the flag or file, no traceback, nothing written
-and nothing changed. After every run, the TFF worker it started must be gone.
+the file contract of docs/architecture.md. The same command interrupted by Ctrl-C and then by
+`kill -9`, and rerun each time, must end with the reference's final model and metrics. Each
+kind of bad input must end with status 2 and one line on stderr naming the flag or file, no
+traceback, nothing written and nothing changed. After every run, the TFF worker it started must
+be gone.
 
 Bad input is checked in this process (the binary's own flag parser and `main`, with SystemExit
 caught), since each subprocess would spend most of its time importing TensorFlow; a few cases also

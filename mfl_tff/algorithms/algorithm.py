@@ -95,6 +95,27 @@ class AlgorithmOptions:
     meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None
     cohort_size: Optional[int] = None
 
+    # The fields a task's recommended settings (`mfl_tff.data.TaskSettings`) fill.
+    SETTINGS_FIELDS = (
+        "inner_lr",
+        "inner_steps",
+        "local_epochs",
+        "outer_lr",
+        "meta_optimizer",
+        "meta_lr",
+        "alpha_granularity",
+    )
+
+    @classmethod
+    def from_settings(cls, settings, **options) -> AlgorithmOptions:
+        """Options from a task's settings (`task.settings`), plus `options` for the other fields.
+
+        Training with a task's own protocol is then `AlgorithmOptions.from_settings(
+        task.settings)`; `options` set what settings do not hold (aggregators, cohorts, ...).
+        """
+        values = {name: getattr(settings, name) for name in cls.SETTINGS_FIELDS}
+        return cls(**{**values, **options})
+
 
 @dataclasses.dataclass(frozen=True)
 class ClientPhase:
