@@ -25,6 +25,7 @@ matplotlib.use("Agg")  # no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from experiments import settings_flags  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
@@ -36,33 +37,6 @@ _TASK = flags.DEFINE_string("task", "digits_fewshot", "Task name.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["mfl", "fedavg"], "Algorithms to compare.")
 _ROUNDS = flags.DEFINE_integer("total_rounds", 100, "Training rounds per algorithm.")
 _EVAL_EVERY = flags.DEFINE_integer("rounds_per_eval", 25, "Rounds between held-out evaluations.")
-_CLIENTS = flags.DEFINE_integer(
-    "clients_per_round", None, "Clients per round; empty: the task's setting."
-)
-_INNER_STEPS = flags.DEFINE_integer(
-    "inner_steps", None, "Inner steps K, also the adaptation steps; empty: the task's setting."
-)
-_INNER_LR = flags.DEFINE_float(
-    "inner_lr",
-    None,
-    "Client step size: fedavg's local rate, the fixed inner-loop rate, the INITIAL learned rates "
-    "of mfl/meta_sgd, and the held-out fine-tuning rate (see train.py's --helpfull); empty: the "
-    "task's setting.",
-)
-_GRANULARITY = flags.DEFINE_string(
-    "alpha_granularity",
-    None,
-    "mfl's learned rates: scalar, per_layer or per_coordinate; empty: the task's setting.",
-)
-_META_OPT = flags.DEFINE_string(
-    "meta_optimizer",
-    None,
-    "Meta-optimizer: steps theta for maml/fomaml/meta_sgd (and meta_sgd's alpha), only alpha for "
-    "mfl; empty: the task's setting.",
-)
-_META_LR = flags.DEFINE_float(
-    "meta_lr", None, "Rate of --meta_optimizer, >= 0 (0 freezes what it steps); empty: the task's."
-)
 _NUM_EVAL = flags.DEFINE_integer("num_eval_clients", 100, "Held-out clients evaluated.")
 _COHORT = flags.DEFINE_integer("cohort_size", 25, "Clients stacked per federated client (0: off).")
 _TARGET = flags.DEFINE_float(
@@ -74,15 +48,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "output/compare", "Where the rep
 
 def _reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "accuracy" else value <= target
-
-
-# The hyperparameter flags of this binary, by the `TaskSettings` field each one fills.
-_SETTINGS_FLAGS = (_CLIENTS, _INNER_STEPS, _INNER_LR, _GRANULARITY, _META_OPT, _META_LR)
-
-
-def _settings(task) -> TaskSettings:
-    """The task's settings with the hyperparameter flags given explicitly."""
-    return task.settings.with_overrides(**{flag.name: flag.value for flag in _SETTINGS_FLAGS})
 
 
 def _train_and_track(name: str, task, settings: TaskSettings, target: float) -> dict:
@@ -189,15 +154,12 @@ def main(argv: list[str]) -> None:
     unknown = [a for a in _ALGORITHMS.value if a not in builders.ALGORITHMS]
     if unknown:
         _fail(f"--algorithms has unknown {unknown}; choose from {', '.join(builders.ALGORITHMS)}.")
-    for flag in (_ROUNDS, _EVAL_EVERY, _CLIENTS, _INNER_STEPS, _NUM_EVAL):
+    for flag in (_ROUNDS, _EVAL_EVERY, _NUM_EVAL):
         if flag.value is not None and flag.value < 1:
             _fail(f"--{flag.name} must be >= 1, got {flag.value}.")
-    if _INNER_LR.value is not None and not _INNER_LR.value > 0:
-        _fail(f"--inner_lr must be > 0, got {_INNER_LR.value}.")
-    if _META_LR.value is not None and not _META_LR.value >= 0:
-        _fail(
-            f"--meta_lr must be >= 0 (0 freezes what --meta_optimizer steps), got {_META_LR.value}."
-        )
+    problem = settings_flags.check()
+    if problem:
+        _fail(problem)
     try:
         task = registry.get_task(
             _TASK.value,
@@ -207,7 +169,7 @@ def main(argv: list[str]) -> None:
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(f"--task={_TASK.value}: {error}")
-    settings = _settings(task)
+    settings = settings_flags.settings(task)
     for name, allowed in (
         ("meta_optimizer", builders.OPTIMIZERS),
         ("alpha_granularity", meta_hparams.GRANULARITIES),
@@ -222,7 +184,7 @@ def main(argv: list[str]) -> None:
             f"--clients_per_round={settings.clients_per_round} exceeds the {num_train} training "
             f"clients of --task={_TASK.value}; lower --clients_per_round."
         )
-    explicit = {flag.name for flag in _SETTINGS_FLAGS if flag.value is not None}
+    explicit = settings_flags.explicit()
     print(f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit)}", flush=True)
     target = (
         _TARGET.value if _TARGET.value is not None else (0.9 if task.metric == "accuracy" else 0.5)

@@ -25,6 +25,7 @@ from typing import Optional
 
 from absl import app, flags, logging
 
+from experiments import settings_flags
 from mfl_tff.algorithms import builders
 from mfl_tff.data import registry
 from mfl_tff.data import settings as settings_lib
@@ -35,54 +36,14 @@ _ALGORITHMS = flags.DEFINE_list(
     "algorithms", ["fedavg", "maml", "meta_sgd", "mfl"], "Algorithms to train, comma-separated."
 )
 _ROUNDS = flags.DEFINE_list("rounds", ["100", "300"], "Checkpoint rounds to evaluate at.")
-_CLIENTS = flags.DEFINE_integer(
-    "clients_per_round", None, "Clients per round; empty: the task's setting."
-)
 _SHOTS = flags.DEFINE_integer(
     "shots", None, "Support shots per client (a task option); empty: the task's setting."
 )
-_INNER_STEPS = flags.DEFINE_integer(
-    "inner_steps", None, "Inner (local) steps K; empty: the task's setting."
-)
-_INNER_LR = flags.DEFINE_float(
-    "inner_lr",
-    None,
-    "Client step size: fedavg's local rate, the fixed inner-loop rate (Per-FedAvg's alpha), the "
-    "INITIAL learned rates of mfl/meta_sgd, and the default --fine_tune_lr; empty: the task's "
-    "setting.",
-)
-_OUTER_LR = flags.DEFINE_float(
-    "outer_lr", None, "Per-FedAvg's local meta step size (beta); empty: the task's setting."
-)
-_LOCAL_EPOCHS = flags.DEFINE_integer(
-    "local_epochs", None, "Local epochs (fedavg, mfl local); empty: the task's setting."
-)
-_META_OPT = flags.DEFINE_string(
-    "meta_optimizer",
-    None,
-    "Meta-optimizer: steps theta for maml/fomaml/meta_sgd (and meta_sgd's alpha), only alpha for "
-    "mfl (whose theta goes with --server_optimizer); empty: the task's setting.",
-)
-_META_LR = flags.DEFINE_float(
-    "meta_lr",
-    None,
-    "Meta-optimizer learning rate, >= 0 (0 freezes what it steps); empty: the task's setting.",
-)
 _SERVER_OPT = flags.DEFINE_string("server_optimizer", None, "Server optimizer (None: default).")
 _SERVER_LR = flags.DEFINE_float("server_lr", None, "Server learning rate (None: default).")
-_GRANULARITY = flags.DEFINE_string(
-    "alpha_granularity",
-    None,
-    "mfl alpha granularity: scalar, per_layer or per_coordinate; empty: the task's setting.",
-)
 _ADAPTIVE = flags.DEFINE_string("adaptive_update", "meta", "mfl adaptive update: meta or local.")
 _FINE_TUNE_LR = flags.DEFINE_float(
     "fine_tune_lr", None, "Fine-tuning rate of the baseline (default: --inner_lr)."
-)
-_EVAL_STEPS = flags.DEFINE_integer(
-    "eval_adaptation_steps",
-    None,
-    "Adaptation steps at evaluation; empty: the task's setting (the effective --inner_steps).",
 )
 _CURVE_STEPS = flags.DEFINE_integer("curve_steps", 10, "Length of the adaptation curve.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval_clients", 500, "Held-out clients to evaluate.")
@@ -104,25 +65,6 @@ HEADER = (
 
 def _reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "accuracy" else value <= target
-
-
-# The hyperparameter flags of this binary, named like the `TaskSettings` fields they fill.
-_SETTINGS_FLAGS = (
-    _CLIENTS,
-    _INNER_STEPS,
-    _INNER_LR,
-    _OUTER_LR,
-    _LOCAL_EPOCHS,
-    _META_OPT,
-    _META_LR,
-    _GRANULARITY,
-    _EVAL_STEPS,
-)
-
-
-def _settings(task) -> settings_lib.TaskSettings:
-    """The task's settings with the hyperparameter flags given explicitly."""
-    return task.settings.with_overrides(**{flag.name: flag.value for flag in _SETTINGS_FLAGS})
 
 
 def _train_and_evaluate(
@@ -235,16 +177,11 @@ def main(argv: list[str]) -> None:
     unknown = [a for a in _ALGORITHMS.value if a not in builders.ALGORITHMS]
     if unknown:
         _fail(f"--algorithms has unknown {unknown}; choose from {', '.join(builders.ALGORITHMS)}.")
-    for flag in (_CLIENTS, _SHOTS, _INNER_STEPS, _LOCAL_EPOCHS, _EVAL_STEPS):
-        if flag.value is not None and flag.value < 1:
-            _fail(f"--{flag.name} must be >= 1, got {flag.value}.")
-    for flag in (_INNER_LR, _OUTER_LR):
-        if flag.value is not None and not flag.value > 0:
-            _fail(f"--{flag.name} must be > 0, got {flag.value}.")
-    if _META_LR.value is not None and not _META_LR.value >= 0:
-        _fail(
-            f"--meta_lr must be >= 0 (0 freezes what --meta_optimizer steps), got {_META_LR.value}."
-        )
+    if _SHOTS.value is not None and _SHOTS.value < 1:
+        _fail(f"--shots must be >= 1, got {_SHOTS.value}.")
+    problem = settings_flags.check()
+    if problem:
+        _fail(problem)
     task_options = {"seed": _SEED.value, "num_eval_clients": _NUM_EVAL.value}
     if _SHOTS.value is not None:
         task_options["shots"] = _SHOTS.value
@@ -252,14 +189,14 @@ def main(argv: list[str]) -> None:
         task = registry.get_task(_TASK.value, ignore_unknown_options=True, **task_options)
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(f"--task={_TASK.value}: {error}")
-    settings = _settings(task)
+    settings = settings_flags.settings(task)
     num_train = len(task.train_data.client_ids)
     if settings.clients_per_round > num_train:
         _fail(
             f"--clients_per_round={settings.clients_per_round} exceeds the {num_train} training "
             f"clients of --task={_TASK.value}; lower --clients_per_round."
         )
-    explicit = {flag.name for flag in _SETTINGS_FLAGS if flag.value is not None}
+    explicit = settings_flags.explicit()
     if _SHOTS.value is not None:
         explicit.add("shots")
     print(f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit)}", flush=True)
