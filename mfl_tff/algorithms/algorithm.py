@@ -25,9 +25,13 @@ import numpy as np
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks
+from mfl_tff.meta import meta_model as meta_model_lib
 
 STREAMS = ("model", "meta")
 OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
+# Clipping applied by default when inner_steps > 1 (`AlgorithmOptions.clip_norms`).
+AUTO_INNER_CLIP_NORM = 50.0
+AUTO_META_CLIP_NORM = 10.0
 OptimizerChoice = Union[str, tff.learning.optimizers.Optimizer]
 
 
@@ -69,6 +73,16 @@ class AlgorithmOptions:
       outer_lr: Per-FedAvg's beta.
       alpha_granularity, adaptive_update, adaptive_data, first_order, min_alpha: mfl's options.
       proximal_strength: FedProx's mu.
+      meta_model: How mfl and meta_sgd turn a client's data into its inner-loop step sizes
+        (`mfl_tff.meta.meta_model`): 'rates' (the learned alpha alone), 'per_step' (alpha times
+        learned per-step, per-tensor multipliers) or 'conditioned' (alpha times multipliers that
+        a small network computes from the client's own support loss and gradient norms).
+      client_optimizer: The inner loop's optimizer for mfl and meta_sgd: 'sgd' or 'momentum'
+        (heavy ball with a learned per-tensor beta).
+      inner_clip_norm, meta_clip_norm: Global-norm clipping of each inner-loop support gradient
+        (per client, per step) and of the aggregated meta-gradients (at the server, per stream,
+        before the meta optimizer steps). None: automatic, 50 and 10 when inner_steps > 1 and
+        off for one step; 0: off.
       model_aggregator, meta_aggregator: `tff.aggregators` factories, weighted or unweighted,
         for the model updates and the alpha meta-gradients (None: weighted mean);
         `mfl_tff.algorithms.aggregation.build_aggregators` makes the DP and robust ones.
@@ -91,6 +105,10 @@ class AlgorithmOptions:
     first_order: bool = False
     min_alpha: float = 1e-6
     proximal_strength: float = 0.01
+    meta_model: str = "rates"
+    client_optimizer: str = "sgd"
+    inner_clip_norm: Optional[float] = None
+    meta_clip_norm: Optional[float] = None
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None
     meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None
     cohort_size: Optional[int] = None
@@ -105,6 +123,36 @@ class AlgorithmOptions:
         "meta_lr",
         "alpha_granularity",
     )
+
+    def clip_norms(self) -> tuple[Optional[float], Optional[float]]:
+        """The (inner, meta) clipping norms in effect: None means no clipping.
+
+        Several unrolled steps multiply the support Hessian into the meta-gradient; on clients
+        with large targets and few points that product spikes (meta-gradients near 1e15 were
+        seen at K=5) and sends the meta-optimizer's state to inf. One step does not need it,
+        and is left exactly as it was.
+        """
+
+        def effective(value, auto):
+            if value is None:
+                return auto if self.inner_steps > 1 else None
+            return float(value) or None
+
+        return (
+            effective(self.inner_clip_norm, AUTO_INNER_CLIP_NORM),
+            effective(self.meta_clip_norm, AUTO_META_CLIP_NORM),
+        )
+
+    def inner_loop(self) -> meta_model_lib.InnerLoop:
+        """The inner loop of mfl and meta_sgd under these options."""
+        inner_clip_norm, _ = self.clip_norms()
+        return meta_model_lib.InnerLoop(
+            meta_model=self.meta_model,
+            client_optimizer=self.client_optimizer,
+            num_steps=self.inner_steps,
+            clip_norm=inner_clip_norm,
+            first_order=self.first_order,
+        )
 
     @classmethod
     def from_settings(cls, settings, **options) -> AlgorithmOptions:
@@ -161,6 +209,8 @@ class Algorithm:
       min_meta: `min_meta(options)`: the bound alpha is projected onto after each meta step
         (None: unconstrained).
       check: `check(options)` raises ValueError naming a bad option (before anything is built).
+      gradient_streams: `gradient_streams(options)`: the streams whose updates are
+        meta-gradients, clipped on the aggregate when `options.clip_norms()` says so.
     """
 
     name: str
@@ -174,6 +224,7 @@ class Algorithm:
     initial_meta: Optional[Callable[[Any, AlgorithmOptions], tuple]] = None
     min_meta: Optional[Callable[[AlgorithmOptions], Optional[float]]] = None
     check: Callable[[AlgorithmOptions], None] = lambda options: None
+    gradient_streams: Callable[[AlgorithmOptions], tuple[str, ...]] = lambda options: ()
 
     @property
     def learns_meta(self) -> bool:
@@ -204,6 +255,13 @@ def check_common(options: AlgorithmOptions) -> None:
     checks.check_positive_int("inner_steps", options.inner_steps)
     checks.check_positive_int("local_epochs", options.local_epochs)
     checks.check_positive_rate("inner_lr", options.inner_lr)
+    meta_model_lib.check(options.meta_model, options.client_optimizer)
+    for name in ("inner_clip_norm", "meta_clip_norm"):
+        value = getattr(options, name)
+        if value is not None and (not np.isfinite(value) or value < 0):
+            raise ValueError(
+                f"{name} must be a finite number >= 0 (0: off) or None (automatic), got {value!r}."
+            )
     if options.cohort_size is not None:
         checks.check_positive_int("cohort_size", options.cohort_size)
     for name in ("model_aggregator", "meta_aggregator"):

@@ -14,10 +14,12 @@ import dataclasses
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import catalog, cohorts, composer
 from mfl_tff.algorithms.algorithm import OPTIMIZERS, AlgorithmOptions, build_optimizer
+from mfl_tff.meta import meta_model
 
 __all__ = [
     "ALGORITHMS",
@@ -43,6 +45,7 @@ class AlgorithmSpec:
     learns_alpha: bool
     eval_steps: int
     cohort_size: Optional[int] = None
+    inner_loop: Optional[meta_model.InnerLoop] = None
 
     def client_values(self, clients: list) -> list:
         """What `process.next` takes for these packed clients (cohorts when enabled)."""
@@ -68,12 +71,19 @@ def build_algorithm(
         learns_alpha=record.learns_meta,
         eval_steps=options.inner_steps,
         cohort_size=options.cohort_size,
+        inner_loop=options.inner_loop() if record.learns_meta else None,
     )
     return process, spec
 
 
-def evaluation_alpha(process, state, spec: AlgorithmSpec, inner_lr: float) -> tuple:
-    """The rates of the algorithm's own adaptation rule: learned alpha, or the fixed `inner_lr`."""
-    if spec.learns_alpha:
-        return tuple(np.asarray(a, np.float32) for a in process.get_hparams(state)["alpha"])
-    return (np.float32(inner_lr),)
+def evaluation_alpha(process, state, spec: AlgorithmSpec, inner_lr: float):
+    """The meta-parameters of the algorithm's own adaptation rule: learned alpha (with the
+    meta-model's parameters when it has one: `spec.inner_loop`), or the fixed `inner_lr`."""
+    if not spec.learns_alpha:
+        return (np.float32(inner_lr),)
+    hparams = process.get_hparams(state)
+    if spec.inner_loop is not None and spec.inner_loop.structured:
+        tree = composer.python_meta(hparams)
+    else:
+        tree = tuple(hparams["alpha"])
+    return tf.nest.map_structure(lambda a: np.asarray(a, np.float32), tree)

@@ -18,7 +18,8 @@ update is applied before the next phase broadcasts alpha (the two-phase MFL roun
 
 Metrics: `distributor`, then per phase `client_work` (or `<phase>_client_work`), and per stream
 `aggregator`/`finalizer` (model only) or `model_aggregator`, `meta_aggregator`, `finalizer`
-(theta) and `meta_update` (alpha).
+(theta) and `meta_update` (alpha); with meta-gradient clipping (`AlgorithmOptions.clip_norms`),
+`model_clipping`/`meta_clipping` (the aggregate's norm before clipping, and whether it was).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks, client_work
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions
-from mfl_tff.meta import hparams
+from mfl_tff.meta import meta_model
 
 State = tff.learning.templates.LearningAlgorithmState
 
@@ -73,9 +74,46 @@ def create_aggregator(factory, value_type: tff.Type) -> tff.templates.Aggregatio
     return tff.templates.AggregationProcess(process.initialize, next_fn)
 
 
-def meta_type_of(meta: tuple) -> tff.Type:
-    """TFF type of a tuple of float32 meta-parameter arrays."""
-    return tff.types.to_type(tuple((np.float32, np.shape(a)) for a in meta))
+def meta_type_of(meta) -> tff.Type:
+    """TFF type of float32 meta-parameters: alpha's tuple, or the meta-model's OrderedDict."""
+    if isinstance(meta, collections.abc.Mapping):
+        return tff.types.to_type(
+            collections.OrderedDict((k, meta_type_of(v)) for k, v in meta.items())
+        )
+    if isinstance(meta, (tuple, list)):
+        return tff.types.to_type(tuple(meta_type_of(a) for a in meta))
+    return tff.TensorType(np.float32, np.shape(meta))
+
+
+def python_meta(meta):
+    """Meta-parameters as Python containers (tuples and OrderedDicts), whichever TFF passed."""
+    if isinstance(meta, collections.abc.Mapping):
+        return collections.OrderedDict((k, python_meta(v)) for k, v in meta.items())
+    if isinstance(meta, tff.structure.Struct):
+        return python_meta(tff.structure.to_odict_or_tuple(meta))
+    if isinstance(meta, (tuple, list)):
+        return tuple(python_meta(a) for a in meta)
+    return meta
+
+
+def build_clip_step(value_type: tff.Type, clip_norm: float) -> tff.Computation:
+    """A computation clipping an aggregate to global norm `clip_norm`, with its measurements.
+
+    The meta-gradients' clipping acts on the aggregate at the server (per stream), as central
+    meta-learning clips its meta-batch gradient: it caps what reaches the meta-optimizer, so
+    one exploding client cannot send the optimizer's state to inf.
+    """
+
+    @tff.tensorflow.computation(value_type)
+    def clip(value):
+        norm = client_work.global_norm(value)
+        scale = clip_norm / tf.maximum(norm, clip_norm)
+        clipped = tf.nest.map_structure(lambda t: t * scale, value)
+        return clipped, collections.OrderedDict(
+            norm_before_clipping=norm, clipped=tf.cast(norm > clip_norm, tf.int32)
+        )
+
+    return clip
 
 
 def build_meta_finalizer(
@@ -88,18 +126,18 @@ def build_meta_finalizer(
 
     `next(state@SERVER, meta_gradient@SERVER)` steps `optimizer` on the meta-parameters, then
     (with `min_meta`) projects them onto [min_meta, inf), which is how learned rates stay
-    positive. A non-finite aggregate (every client rejected: 0/0) skips the step, as TFF's model
-    finalizer does. The state is `OrderedDict(meta=..., optimizer=...)`, the result the new
+    positive (alpha only: a meta-model's own parameters are unconstrained). A non-finite
+    aggregate (every client rejected: 0/0) skips the step, as TFF's model finalizer does. The state is `OrderedDict(meta=..., optimizer=...)`, the result the new
     meta-parameters; measurements: `meta_gradient_norm`, `update_non_finite`, `alpha_mean`,
     `alpha_min`, `alpha_max`.
     """
     meta_type = meta_type_of(initial_meta)
-    specs = tuple(tf.TensorSpec(np.shape(a), tf.float32) for a in initial_meta)
+    specs = tf.nest.map_structure(lambda a: tf.TensorSpec(np.shape(a), tf.float32), initial_meta)
 
     @tff.tensorflow.computation
     def init_tf():
         return collections.OrderedDict(
-            meta=tuple(tf.constant(a, tf.float32) for a in initial_meta),
+            meta=tf.nest.map_structure(lambda a: tf.constant(a, tf.float32), initial_meta),
             optimizer=optimizer.initialize(specs),
         )
 
@@ -107,19 +145,19 @@ def build_meta_finalizer(
 
     @tff.tensorflow.computation(state_type, meta_type)
     def step_tf(state, grad):
-        meta = tuple(state["meta"])
+        meta, grad = python_meta(state["meta"]), python_meta(grad)
         finite = client_work.all_finite(grad)
-        stepped_state, new_meta = optimizer.next(state["optimizer"], meta, tuple(grad))
+        stepped_state, new_meta = optimizer.next(state["optimizer"], meta, grad)
         if min_meta is not None:
-            new_meta = hparams.project_positive(new_meta, min_meta)
-        new_meta = tuple(tf.where(finite, n, a) for n, a in zip(new_meta, meta))
+            new_meta = meta_model.project(new_meta, min_meta)
+        new_meta = tf.nest.map_structure(lambda n, a: tf.where(finite, n, a), new_meta, meta)
         opt_state = tf.nest.map_structure(
             lambda n, o: tf.where(finite, n, o), stepped_state, state["optimizer"]
         )
         measurements = collections.OrderedDict(
             meta_gradient_norm=client_work.global_norm(grad),
             update_non_finite=tf.cast(tf.logical_not(finite), tf.int32),
-            **hparams.summary(new_meta),
+            **meta_model.summary(new_meta),
         )
         return collections.OrderedDict(meta=new_meta, optimizer=opt_state), measurements
 
@@ -165,8 +203,9 @@ def compose(
 
     Returns:
       A `tff.learning.templates.LearningProcess`. `get_hparams(state)` is
-      `OrderedDict(alpha=...)` for algorithms that learn meta-parameters (`set_hparams` writes
-      it), else the model optimizer's hyperparameters `OrderedDict(finalizer=...)`.
+      `OrderedDict(alpha=...)` for algorithms that learn rates, `OrderedDict(alpha=...,
+      meta_model=...)` with a meta-model (`set_hparams` writes it), else the model
+      optimizer's hyperparameters `OrderedDict(finalizer=...)`.
 
     Raises:
       TypeError: For an optimizer or aggregator of the wrong kind.
@@ -193,7 +232,9 @@ def compose(
     }
     meta_type = None
     if learns_meta:
-        initial_meta = tuple(algorithm.initial_meta(model, options))
+        initial_meta = algorithm.initial_meta(model, options)
+        if not isinstance(initial_meta, collections.abc.Mapping):
+            initial_meta = tuple(initial_meta)
         meta_type = meta_type_of(initial_meta)
         optimizers["meta"] = algorithm.optimizer("meta", options)
         factories["meta"] = options.meta_aggregator or tff.aggregators.MeanFactory()
@@ -202,6 +243,12 @@ def compose(
         finalizers["meta"] = build_meta_finalizer(
             optimizers["meta"], initial_meta, min_meta=min_meta
         )
+    _, meta_clip_norm = options.clip_norms()
+    value_types = {"model": weights_type.trainable, "meta": meta_type}
+    clip_steps = {
+        stream: build_clip_step(value_types[stream], meta_clip_norm)
+        for stream in (algorithm.gradient_streams(options) if meta_clip_norm else ())
+    }
     works = tuple(
         client_work.build_client_work(
             phase.client_fn,
@@ -267,13 +314,15 @@ def compose(
                 )
                 agg_states[stream] = aggregated.state
                 metrics[names[f"{stream}_aggregator"]] = aggregated.measurements
+                result = aggregated.result
+                if stream in clip_steps:
+                    result, clipping = tff.federated_map(clip_steps[stream], result)
+                    metrics[f"{stream}_clipping"] = clipping
                 if stream == "model":
-                    finalized = finalizers["model"].next(
-                        fin_states["model"], weights, aggregated.result
-                    )
+                    finalized = finalizers["model"].next(fin_states["model"], weights, result)
                     weights = finalized.result
                 else:
-                    finalized = finalizers["meta"].next(fin_states["meta"], aggregated.result)
+                    finalized = finalizers["meta"].next(fin_states["meta"], result)
                     meta = finalized.result
                 fin_states[stream] = finalized.state
                 metrics[names[f"{stream}_finalizer"]] = finalized.measurements
@@ -308,17 +357,23 @@ def compose(
         return replace(state, weights=weights)
 
     if learns_meta:
+        # Rates alone are `OrderedDict(alpha=...)`; a meta-model's hparams are its meta-parameters
+        # `OrderedDict(alpha=..., meta_model=...)`, everything a new client needs to adapt.
+        structured = isinstance(initial_meta, collections.abc.Mapping)
 
         @tff.tensorflow.computation(state_type)
         def get_hparams(state):
-            return collections.OrderedDict(alpha=state.finalizer["meta"]["meta"])
+            meta = python_meta(state.finalizer["meta"]["meta"])
+            return meta if structured else collections.OrderedDict(alpha=meta)
 
         @tff.tensorflow.computation(state_type, get_hparams.type_signature.result)
         def set_hparams(state, new_hparams):
+            new_hparams = python_meta(new_hparams)
             finalizer = collections.OrderedDict(
                 model=state.finalizer["model"],
                 meta=collections.OrderedDict(
-                    meta=new_hparams["alpha"], optimizer=state.finalizer["meta"]["optimizer"]
+                    meta=new_hparams if structured else new_hparams["alpha"],
+                    optimizer=state.finalizer["meta"]["optimizer"],
                 ),
             )
             return replace(state, finalizer=finalizer)

@@ -11,6 +11,7 @@ rate); use `mfl` for rates kept positive.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 from typing import Optional
 
@@ -19,23 +20,28 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks, client_work, composer
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
-from mfl_tff.meta import gradients, hparams
+from mfl_tff.meta import gradients, meta_model
 
 
-def meta_sgd_client_fn(model, *, inner_steps: int) -> Callable:
-    """`client_fn(weights, alpha, data)`: the exact gradients of the query loss after K steps
-    with rates alpha, w.r.t. theta (`model` stream) and alpha (`meta` stream)."""
+def meta_sgd_client_fn(
+    model, *, inner_steps: int, loop: Optional[meta_model.InnerLoop] = None
+) -> Callable:
+    """`client_fn(weights, meta, data)`: the exact gradients of the query loss after K steps
+    with rates alpha (or the meta-model of `loop`), w.r.t. theta (`model` stream) and the
+    meta-parameters (`meta` stream)."""
+    loop = loop or meta_model.InnerLoop(num_steps=inner_steps)
 
-    def client_update(weights, alpha, data):
-        grad_theta, grad_alpha, pre_loss, post_loss, post_metric = gradients.meta_gradients(
+    def client_update(weights, meta, data):
+        grad_theta, grad_meta, pre_loss, post_loss, post_metric = gradients.meta_gradients(
             model,
             (tuple(weights.trainable), tuple(weights.non_trainable)),
             data,
-            tuple(alpha),
+            meta,
             inner_steps,
+            loop=loop,
         )
         return client_work.client_output(
-            collections.OrderedDict(model=grad_theta, meta=tuple(grad_alpha)),
+            collections.OrderedDict(model=grad_theta, meta=grad_meta),
             tf.reduce_sum(data["query"]["mask"]),
             collections.OrderedDict(
                 pre_adaptation_loss=pre_loss,
@@ -47,10 +53,16 @@ def meta_sgd_client_fn(model, *, inner_steps: int) -> Callable:
     return client_update
 
 
-def per_coordinate_alpha(model, options: AlgorithmOptions) -> tuple:
-    """alpha shaped like every trainable tensor, filled with `options.inner_lr`."""
+def _loop(options: AlgorithmOptions) -> meta_model.InnerLoop:
+    # Meta-SGD's meta-gradients are exact; `first_order` is mfl's option.
+    return dataclasses.replace(options.inner_loop(), first_order=False)
+
+
+def per_coordinate_alpha(model, options: AlgorithmOptions):
+    """alpha shaped like every trainable tensor, filled with `options.inner_lr` (with the
+    meta-model's own parameters when `options.meta_model` or `client_optimizer` add some)."""
     shapes = [tuple(w.shape) for w in model.initial_weights[0]]
-    return hparams.initial_alpha(shapes, "per_coordinate", options.inner_lr)
+    return meta_model.initial_meta(_loop(options), shapes, "per_coordinate", options.inner_lr)
 
 
 META_SGD = Algorithm(
@@ -59,7 +71,7 @@ META_SGD = Algorithm(
     phases=lambda model, options: (
         ClientPhase(
             "",
-            meta_sgd_client_fn(model, inner_steps=options.inner_steps),
+            meta_sgd_client_fn(model, inner_steps=options.inner_steps, loop=_loop(options)),
             streams=("model", "meta"),
             takes_meta=True,
         ),
@@ -67,6 +79,7 @@ META_SGD = Algorithm(
     model_optimizer="meta",
     initial_meta=per_coordinate_alpha,
     check=check_common,
+    gradient_streams=lambda options: ("model", "meta"),
 )
 
 
@@ -76,6 +89,10 @@ def build_meta_sgd(
     *,
     initial_alpha: float = 0.01,
     inner_steps: int = 1,
+    meta_model: str = "rates",
+    client_optimizer: str = "sgd",
+    inner_clip_norm: Optional[float] = None,
+    meta_clip_norm: Optional[float] = None,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     meta_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
@@ -93,6 +110,11 @@ def build_meta_sgd(
         `mfl_tff.algorithms.aggregation.build_aggregators`); default mean.
       meta_aggregator: Factory for the alpha meta-gradients, likewise; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      meta_model: 'rates', 'per_step' or 'conditioned' (`mfl_tff.meta.meta_model`): how each
+        client's step sizes follow from alpha and the client's own support data.
+      client_optimizer: The inner loop's optimizer: 'sgd' or 'momentum' (learned beta).
+      inner_clip_norm, meta_clip_norm: Global-norm clipping of the support gradients and of
+        the aggregated meta-gradients; None: 50 and 10 when inner_steps > 1, else off; 0: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`; `get_hparams(state)['alpha']` is the learned
@@ -102,6 +124,10 @@ def build_meta_sgd(
     options = AlgorithmOptions(
         inner_lr=initial_alpha,
         inner_steps=inner_steps,
+        meta_model=meta_model,
+        client_optimizer=client_optimizer,
+        inner_clip_norm=inner_clip_norm,
+        meta_clip_norm=meta_clip_norm,
         meta_optimizer=meta_optimizer or "adam",
         model_aggregator=model_aggregator,
         meta_aggregator=meta_aggregator,

@@ -30,22 +30,22 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks, client_work, composer
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
-from mfl_tff.meta import gradients, hparams, inner_loop, losses
+from mfl_tff.meta import gradients, hparams, inner_loop, losses, meta_model
 
 ADAPTIVE_UPDATES = ("local", "meta")
 ADAPTIVE_DATA = ("support", "all")
 
 
-def _adapted(model, weights, alpha, data, options: AlgorithmOptions, wrt: str):
+def _adapted(model, weights, meta, data, options: AlgorithmOptions, wrt: str):
     theta = (tuple(weights.trainable), tuple(weights.non_trainable))
     grad_theta, grad_alpha, pre_loss, post_loss, post_metric = gradients.meta_gradients(
         model,
         theta,
         data,
-        tuple(alpha),
+        meta,
         options.inner_steps,
-        first_order=options.first_order,
         wrt=wrt,
+        loop=options.inner_loop(),
     )
     metrics = collections.OrderedDict(
         pre_adaptation_loss=pre_loss,
@@ -56,13 +56,12 @@ def _adapted(model, weights, alpha, data, options: AlgorithmOptions, wrt: str):
 
 
 def local_update_fn(model, options: AlgorithmOptions) -> Callable:
-    """Phase 1, `client_fn(weights, alpha, data)`: the meta-gradient w.r.t. alpha."""
+    """Phase 1, `client_fn(weights, meta, data)`: the meta-gradient w.r.t. alpha (and the
+    meta-model's parameters)."""
 
-    def local_update(weights, alpha, data):
-        _, grad_alpha, metrics = _adapted(model, weights, alpha, data, options, "alpha")
-        return client_work.client_output(
-            tuple(grad_alpha), tf.reduce_sum(data["query"]["mask"]), metrics
-        )
+    def local_update(weights, meta, data):
+        _, grad_meta, metrics = _adapted(model, weights, meta, data, options, "alpha")
+        return client_work.client_output(grad_meta, tf.reduce_sum(data["query"]["mask"]), metrics)
 
     return local_update
 
@@ -104,10 +103,13 @@ def phases(model, options: AlgorithmOptions) -> tuple[ClientPhase, ...]:
     )
 
 
-def initial_alpha(model, options: AlgorithmOptions) -> tuple:
-    """alpha at `options.alpha_granularity`, filled with `options.inner_lr`."""
+def initial_alpha(model, options: AlgorithmOptions):
+    """alpha at `options.alpha_granularity`, filled with `options.inner_lr` (with the
+    meta-model's own parameters when `options.meta_model` or `client_optimizer` add some)."""
     shapes = [tuple(w.shape) for w in model.initial_weights[0]]
-    return hparams.initial_alpha(shapes, options.alpha_granularity, options.inner_lr)
+    return meta_model.initial_meta(
+        options.inner_loop(), shapes, options.alpha_granularity, options.inner_lr
+    )
 
 
 def check(options: AlgorithmOptions) -> None:
@@ -123,6 +125,11 @@ def check(options: AlgorithmOptions) -> None:
             f"adaptive_data must be one of {ADAPTIVE_DATA}, got {options.adaptive_data!r}."
         )
     checks.check_positive_rate("min_alpha", options.min_alpha)
+    if options.adaptive_update == "local" and options.inner_loop().structured:
+        raise ValueError(
+            "adaptive_update='local' steps with alpha alone; use meta_model='rates' and "
+            "client_optimizer='sgd' with it, or adaptive_update='meta'."
+        )
 
 
 MFL = Algorithm(
@@ -136,6 +143,9 @@ MFL = Algorithm(
     initial_meta=initial_alpha,
     min_meta=lambda options: options.min_alpha,
     check=check,
+    gradient_streams=lambda options: (
+        ("meta", "model") if options.adaptive_update == "meta" else ("meta",)
+    ),
 )
 
 
@@ -151,6 +161,10 @@ def build_mfl(
     adaptive_data: str = "support",
     first_order: bool = False,
     min_alpha: float = 1e-6,
+    meta_model: str = "rates",
+    client_optimizer: str = "sgd",
+    inner_clip_norm: Optional[float] = None,
+    meta_clip_norm: Optional[float] = None,
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
@@ -180,6 +194,11 @@ def build_mfl(
         `mfl_tff.algorithms.aggregation.build_aggregators`); default mean.
       meta_aggregator: Factory for the alpha meta-gradients, likewise; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      meta_model: 'rates', 'per_step' or 'conditioned' (`mfl_tff.meta.meta_model`): how each
+        client's step sizes follow from alpha and the client's own support data.
+      client_optimizer: The inner loop's optimizer: 'sgd' or 'momentum' (learned beta).
+      inner_clip_norm, meta_clip_norm: Global-norm clipping of the support gradients and of
+        the aggregated meta-gradients; None: 50 and 10 when inner_steps > 1, else off; 0: off.
 
     Returns:
       A `tff.learning.templates.LearningProcess`. Metrics: `meta_client_work` (pre/post-adaptation
@@ -201,6 +220,10 @@ def build_mfl(
         adaptive_data=adaptive_data,
         first_order=first_order,
         min_alpha=min_alpha,
+        meta_model=meta_model,
+        client_optimizer=client_optimizer,
+        inner_clip_norm=inner_clip_norm,
+        meta_clip_norm=meta_clip_norm,
         meta_optimizer=meta_optimizer or "adam",
         server_optimizer=server_optimizer,
         model_aggregator=model_aggregator,

@@ -13,21 +13,15 @@ d L_q / d a = -sum_k grad L_q(theta_K) * g_k, the first-order formula (FOMAML).
 
 from __future__ import annotations
 
+import collections
+from typing import Optional
+
 import tensorflow as tf
 
-from mfl_tff.meta import hparams, inner_loop, losses
+from mfl_tff.meta import inner_loop, losses, meta_model
 
-
-def support_batch(support, k: int):
-    """The k-th inner step's batch: the non-empty batches are used in turn.
-
-    Packing fills batches front to back, so the non-empty ones come first; cycling over them
-    only (not over all-padding batches, which would be steps that do nothing) gives small
-    clients as many real steps as large ones.
-    """
-    non_empty = tf.reduce_sum(tf.cast(tf.reduce_sum(support["mask"], axis=1) > 0, tf.int32))
-    index = tf.math.floormod(k, tf.maximum(non_empty, 1))
-    return {key: tf.gather(value, index) for key, value in support.items()}
+# Where the inner loop's batches come from; kept here under its old name for callers.
+support_batch = inner_loop.support_batch
 
 
 def adapt(
@@ -63,8 +57,9 @@ def meta_gradients(
     *,
     first_order: bool = False,
     wrt: str = "both",
+    loop: Optional[meta_model.InnerLoop] = None,
 ):
-    """Gradients of the post-adaptation query loss w.r.t. theta and alpha.
+    """Gradients of the post-adaptation query loss w.r.t. theta and the meta-parameters.
 
     Computing only the gradient a caller uses (`wrt`) keeps the second-order graph smaller: it
     is traced, converted for client cohorts and compiled before the first round, and that build
@@ -74,35 +69,35 @@ def meta_gradients(
       model: A `tff.learning.models.FunctionalModel`.
       weights: (trainable, non_trainable) tuples: theta.
       data: A packed client (`support`, `query`).
-      alpha: Meta-parameters (see `mfl_tff.meta.hparams`), any granularity.
+      alpha: Meta-parameters: alpha's tuple (see `mfl_tff.meta.hparams`), any granularity, or
+        the structure of `mfl_tff.meta.meta_model` for `loop`.
       num_steps: Inner steps K.
-      first_order: Drop second-order terms.
-      wrt: 'both', 'theta' or 'alpha': which gradients to compute (the other is None).
+      first_order: Drop second-order terms (when `loop` is None).
+      wrt: 'both', 'theta' or 'alpha': which gradients to compute (the other is None);
+        'alpha' means every meta-parameter.
+      loop: The inner loop (`meta_model.InnerLoop`); None: plain SGD with rates alpha.
 
     Returns:
-      (grad_theta, grad_alpha, pre_adaptation_query_loss, post_adaptation_query_loss,
-       post_adaptation_query_metric).
+      (grad_theta, grad_meta (same structure as `alpha`), pre_adaptation_query_loss,
+       post_adaptation_query_loss, post_adaptation_query_metric).
     """
     if wrt not in ("both", "theta", "alpha"):
         raise ValueError(f"wrt must be 'both', 'theta' or 'alpha', got {wrt!r}.")
+    if loop is None:
+        loop = meta_model.InnerLoop(num_steps=num_steps, first_order=first_order)
     trainable, non_trainable = tuple(weights[0]), tuple(weights[1])
-    alpha = tuple(alpha)
-    sources = {"both": (trainable, alpha), "theta": (trainable,), "alpha": (alpha,)}[wrt]
+    meta = alpha if isinstance(alpha, collections.abc.Mapping) else tuple(alpha)
+    sources = {"both": (trainable, meta), "theta": (trainable,), "alpha": (meta,)}[wrt]
     with tf.GradientTape(persistent=False) as tape:
         tape.watch(sources)
-        adapted = adapt(
-            model,
-            trainable,
-            non_trainable,
-            data["support"],
-            hparams.expand(alpha, trainable),
-            num_steps,
-            first_order=first_order,
+        adapted, _ = meta_model.adapt(
+            model, trainable, non_trainable, data["support"], meta, loop, num_steps
         )
         post_loss, post_metric = losses.part_loss_and_metric(
             model, (adapted, non_trainable), data["query"]
         )
-    grads = tape.gradient(post_loss, sources)
+    # A parameter a step never reaches (beta with one step) has a zero gradient, not None.
+    grads = tape.gradient(post_loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     grad_theta = grads[0] if wrt in ("both", "theta") else None
     grad_alpha = grads[-1] if wrt in ("both", "alpha") else None
     pre_loss, _ = losses.part_loss_and_metric(model, (trainable, non_trainable), data["query"])

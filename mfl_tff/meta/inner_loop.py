@@ -31,6 +31,18 @@ def sgd_step(model, trainable, non_trainable, batch, step_sizes, *, first_order:
     return tf.nest.map_structure(lambda w, g, a: w - a * g, trainable, grads, step_sizes)
 
 
+def support_batch(support, k: int):
+    """The k-th inner step's batch: the non-empty batches are used in turn.
+
+    Packing fills batches front to back, so the non-empty ones come first; cycling over them
+    only (not over all-padding batches, which would be steps that do nothing) gives small
+    clients as many real steps as large ones.
+    """
+    non_empty = tf.reduce_sum(tf.cast(tf.reduce_sum(support["mask"], axis=1) > 0, tf.int32))
+    index = tf.math.floormod(k, tf.maximum(non_empty, 1))
+    return {key: tf.gather(value, index) for key, value in support.items()}
+
+
 def concat_parts(data) -> dict:
     """Support and query batches of a packed client, one after the other ([S + Q, B, ...])."""
     return {

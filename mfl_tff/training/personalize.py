@@ -10,22 +10,24 @@ from mfl_tff.algorithms import builders, composer
 from mfl_tff.evaluation import personalization, summaries
 
 
-def _eval_computation(task, alpha: tuple, max_steps: int, fine_tune_lr: float, guard_after: int):
+def _eval_computation(task, alpha, max_steps: int, fine_tune_lr: float, guard_after: int, loop):
     """Builds (once per task, alpha shape and settings) the evaluation computation.
 
     The cache lives on the task object, so it goes away with the task and cannot be confused
     with another task's.
     """
     cache = task.__dict__.setdefault("_personalization_computations", {})
-    key = (tuple(np.shape(a) for a in alpha), max_steps, fine_tune_lr, guard_after)
+    alpha_type = composer.meta_type_of(alpha)
+    key = (str(alpha_type), max_steps, fine_tune_lr, guard_after, loop)
     if key not in cache:
         cache[key] = personalization.build_personalization_eval(
             task.model_fn,
             task.client_data_type("eval"),
-            composer.meta_type_of(alpha),
+            alpha_type,
             max_steps=max_steps,
             fine_tune_lr=fine_tune_lr,
             guard_after=guard_after,
+            loop=loop,
         )
     return cache[key]
 
@@ -62,7 +64,9 @@ def evaluate(
     """
     alpha = builders.evaluation_alpha(process, state, spec, fine_tune_lr)
     own_steps = min(spec.eval_steps, max_steps)
-    computation = _eval_computation(task, alpha, max_steps, fine_tune_lr, own_steps)
+    computation = _eval_computation(
+        task, alpha, max_steps, fine_tune_lr, own_steps, spec.inner_loop
+    )
     ids = task.eval_data.client_ids[: num_clients or len(task.eval_data.client_ids)]
     per_client = computation(process.get_model_weights(state), alpha, task.eval_clients(ids))
     report = summaries.personalization_report(
@@ -73,5 +77,8 @@ def evaluate(
         rounds=rounds,
         own_steps=own_steps,
         fine_tune_steps=fine_tune_steps or max_steps,
+        tensor_shapes=[tuple(np.shape(w)) for w in task.model_fn().initial_weights[0]]
+        if spec.learns_alpha
+        else None,
     )
     return (report, per_client) if return_per_client else report
