@@ -127,9 +127,10 @@ def build_meta_finalizer(
     `next(state@SERVER, meta_gradient@SERVER)` steps `optimizer` on the meta-parameters, then
     (with `min_meta`) projects them onto [min_meta, inf), which is how learned rates stay
     positive (alpha only: a meta-model's own parameters are unconstrained). A non-finite
-    aggregate (every client rejected: 0/0) skips the step, as TFF's model finalizer does. The state is `OrderedDict(meta=..., optimizer=...)`, the result the new
-    meta-parameters; measurements: `meta_gradient_norm`, `update_non_finite`, `alpha_mean`,
-    `alpha_min`, `alpha_max`.
+    aggregate (every client rejected: 0/0) skips the step, as TFF's model finalizer does. The
+    state is `OrderedDict(meta=..., optimizer=...)`, the result the new meta-parameters;
+    measurements: `meta_gradient_norm`, `update_non_finite`, `alpha_mean`, `alpha_min`,
+    `alpha_max` (and `momentum_mean` with a learned momentum).
     """
     meta_type = meta_type_of(initial_meta)
     specs = tf.nest.map_structure(lambda a: tf.TensorSpec(np.shape(a), tf.float32), initial_meta)
