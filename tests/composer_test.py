@@ -488,3 +488,95 @@ def test_an_aggregator_class_is_a_type_error_naming_the_option_for_any_record(da
     options = algorithm.AlgorithmOptions(model_aggregator=tff.aggregators.MeanFactory)
     with pytest.raises(TypeError, match="model_aggregator must be a tff.aggregators"):
         composer.compose(MODEL_ONLY, model_fn, data_type, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-gradient clipping on the aggregate, and meta-models' structured meta-parameters.
+
+AGGREGATE_CLIP = 0.05
+
+
+def test_meta_clipping_acts_on_the_aggregate_of_the_gradient_streams(data_type, clients, model):
+    """alpha - lr * clip(weighted mean of -n_i * ones): the mean is clipped once, at the server
+    (per-client clipping would give a different, smaller mean), and only the streams the record
+    names as meta-gradients are clipped."""
+    clipped_record = record(
+        "clipped",
+        TWO_PHASE.phases(None, None),
+        initial_meta=per_layer_alpha,
+        gradient_streams=lambda options: ("meta",),
+    )
+    options = algorithm.AlgorithmOptions(
+        inner_lr=ALPHA0,
+        server_optimizer=sgd(SERVER_LR),
+        meta_optimizer=sgd(META_LR),
+        meta_clip_norm=AGGREGATE_CLIP,
+    )
+    process = composer.compose(clipped_record, model_fn, data_type, options)
+    output = process.next(process.initialize(), clients)
+    num_alpha = len(model.initial_weights[0])
+    mean = weighted_mean_of_sizes()  # every coordinate of the aggregate is -mean
+    norm = mean * np.sqrt(num_alpha)
+    np.testing.assert_allclose(
+        testing.flat(process.get_hparams(output.state)["alpha"]),
+        ALPHA0 + META_LR * mean * AGGREGATE_CLIP / norm,
+        rtol=1e-6,
+    )
+    clipping = output.metrics["meta_clipping"]
+    assert clipping["norm_before_clipping"] == pytest.approx(norm, rel=1e-6)
+    assert clipping["clipped"] == 1
+    assert "model_clipping" not in output.metrics
+
+
+def test_clip_norms_are_automatic_for_several_steps_and_zero_turns_them_off():
+    one, five = algorithm.AlgorithmOptions(), algorithm.AlgorithmOptions(inner_steps=5)
+    assert one.clip_norms() == (None, None)
+    assert five.clip_norms() == (algorithm.AUTO_INNER_CLIP_NORM, algorithm.AUTO_META_CLIP_NORM)
+    off = algorithm.AlgorithmOptions(inner_steps=5, inner_clip_norm=0, meta_clip_norm=3.0)
+    assert off.clip_norms() == (None, 3.0)
+    with pytest.raises(ValueError, match="inner_clip_norm must be a finite number >= 0"):
+        algorithm.check_common(algorithm.AlgorithmOptions(inner_clip_norm=-1.0))
+    with pytest.raises(ValueError, match="meta_model must be one of rates, per_step"):
+        algorithm.check_common(algorithm.AlgorithmOptions(meta_model="lstm"))
+
+
+STRUCTURED = collections.OrderedDict(
+    alpha=(np.float32(0.2), np.array([0.1, 0.3, 0.02], np.float32)),
+    meta_model=collections.OrderedDict(
+        step_logits=np.zeros([2, 2], np.float32),
+        momentum_logits=np.array([0.0, 2.0], np.float32),
+    ),
+)
+
+
+def test_meta_finalizer_projects_alpha_only_and_reports_the_momentum():
+    process = composer.build_meta_finalizer(sgd(0.5), STRUCTURED, min_meta=MIN_META)
+    grad = collections.OrderedDict(
+        alpha=(np.float32(-0.4), np.array([0.02, 0.5, -1.0], np.float32)),
+        meta_model=collections.OrderedDict(
+            step_logits=np.full([2, 2], 3.0, np.float32),
+            momentum_logits=np.array([1.0, -1.0], np.float32),
+        ),
+    )
+    output = process.next(process.initialize(), grad)
+    alpha = np.maximum(
+        testing.flat(STRUCTURED["alpha"]) - 0.5 * testing.flat(grad["alpha"]), MIN_META
+    )
+    np.testing.assert_allclose(testing.flat(output.result["alpha"]), alpha, rtol=1e-6)
+    # The meta-model's own parameters go negative: they are not projected.
+    np.testing.assert_allclose(output.result["meta_model"]["step_logits"], -1.5, rtol=1e-6)
+    logits = np.array([-0.5, 2.5])
+    np.testing.assert_allclose(output.result["meta_model"]["momentum_logits"], logits, rtol=1e-6)
+    m = output.measurements
+    assert m["alpha_min"] == pytest.approx(alpha.min())
+    assert m["momentum_mean"] == pytest.approx(np.mean(1 / (1 + np.exp(-logits))), rel=1e-6)
+    assert composer.meta_type_of(STRUCTURED).is_equivalent_to(
+        tff.types.to_type(
+            collections.OrderedDict(
+                alpha=((np.float32, ()), (np.float32, (3,))),
+                meta_model=collections.OrderedDict(
+                    step_logits=(np.float32, (2, 2)), momentum_logits=(np.float32, (2,))
+                ),
+            )
+        )
+    )

@@ -8,13 +8,17 @@ kept only if the loss over the whole support set is finite and not higher than b
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from mfl_tff.algorithms import composer
 from mfl_tff.data import digits
 from mfl_tff.evaluation import personalization
+from mfl_tff.meta import meta_model
 
 MAX_STEPS = 3
 GUARD_AFTER = 1
@@ -105,12 +109,15 @@ def sgd_step(weights, rates, data):
 
 
 def reference_curve(weights, client, rates, guard_after):
-    """Query (loss, accuracy) after 0..MAX_STEPS steps, and whether each step was kept."""
+    """Query (loss, accuracy) after 0..MAX_STEPS steps, and whether each step was kept.
+
+    `rates` is a list of per-layer rates, or a function of the step returning one."""
+    rates_at = rates if callable(rates) else (lambda step: rates)
     current = [tf.constant(np.asarray(w, np.float64)) for w in weights.trainable]
     support = examples(client["support"])
     curve, kept = [loss_and_accuracy(current, examples(client["query"]))], []
     for step in range(MAX_STEPS):
-        stepped = sgd_step(current, rates, examples(client["support"], step))
+        stepped = sgd_step(current, rates_at(step), examples(client["support"], step))
         accept = True
         if step >= guard_after:
             before = loss_and_accuracy(current, support)[0]
@@ -192,3 +199,29 @@ def test_bad_options_raise_value_errors(task, options, message):
             tff.types.to_type((np.float32,)),
             **settings,
         )
+
+
+def test_a_per_step_meta_model_steps_with_alpha_times_its_multipliers(task, weights, clients):
+    """per_step: the rate of step k on layer l is alpha_l * exp(3 tanh(P[k, l] / 3)), steps
+    past the trained K reuse row K - 1, and `own_step_sizes` reports those rates."""
+    logits = np.array([[0.5, -1.0, 2.0, 0.0, 9.0, -0.3], [-2.0, 0.4, 0.0, 1.5, -9.0, 0.8]])
+    meta = collections.OrderedDict(
+        alpha=tuple(np.float32(a) for a in MODERATE_ALPHA),
+        meta_model=collections.OrderedDict(step_logits=logits.astype(np.float32)),
+    )
+    evaluate = personalization.build_personalization_eval(
+        task.model_fn,
+        task.client_data_type("eval"),
+        composer.meta_type_of(meta),
+        max_steps=MAX_STEPS,
+        fine_tune_lr=FINE_TUNE_LR,
+        guard_after=2,
+        loop=meta_model.InnerLoop(meta_model="per_step", num_steps=2),
+    )
+    multipliers = np.exp(3 * np.tanh(logits / 3))
+    rates = np.asarray(MODERATE_ALPHA) * multipliers  # [K, L]
+    per_client = evaluate(weights, meta, clients)
+    for result, client in zip(per_client, clients):
+        own, _ = reference_curve(weights, client, lambda step: list(rates[min(step, 1)]), 2)
+        np.testing.assert_allclose(np.asarray(result["own_loss"]), own[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(result["own_step_sizes"], rates, rtol=1e-6)

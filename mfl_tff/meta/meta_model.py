@@ -18,7 +18,9 @@ and the multiplier m_k[l] comes from the meta-model:
 * `per_step`: m_k = exp(3 tanh(P[k] / 3)) with learned logits P of shape [K, L] (no data);
 * `conditioned`: the same squashing of o_k = MLP(f_k)[k], a network (features -> 16 ReLU ->
   K x L) of the client's features at the current iterate, f_k = [log support loss,
-  log ||g_k[l]|| for each tensor l], with gradients stopped through the features. The features
+  log ||grad_l L(theta_k)|| for each tensor l], with gradients stopped through the features.
+  The norms are read BEFORE clipping: clipped norms would all read as the clip value exactly
+  when they matter most. The features
   never leave the client: only the network's parameters are broadcast and meta-trained.
 
 With `momentum`, beta = sigmoid(b) is a learned per-tensor heavy-ball coefficient. Steps past
