@@ -54,6 +54,7 @@ def _train_and_track(name: str, task, settings: TaskSettings, target: float) -> 
     """Trains one algorithm, evaluating on held-out clients every --rounds_per_eval rounds."""
     options = builders.AlgorithmOptions.from_settings(
         settings,
+        **settings_flags.algorithm_flags(),
         cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
     )
     process, spec = builders.build_algorithm(name, task, options)
@@ -111,7 +112,8 @@ def _table(task, settings: TaskSettings, results: dict, target: float) -> str:
         f"{settings.clients_per_round} clients, {_NUM_EVAL.value} held-out clients, seed "
         f"{_SEED.value}.",
         "",
-        f"Settings: {settings.describe()}.",
+        f"Settings: {settings.describe()}; {settings_flags.describe_algorithm()}"
+        f"{(' ' + settings_flags.describe_data()).rstrip()}.",
         "",
         "| algorithm | rounds | before mean | before p10 | after mean | after p10 | "
         f"rounds to {target:g} | wall s |",
@@ -157,7 +159,7 @@ def main(argv: list[str]) -> None:
     for flag in (_ROUNDS, _EVAL_EVERY, _NUM_EVAL):
         if flag.value is not None and flag.value < 1:
             _fail(f"--{flag.name} must be >= 1, got {flag.value}.")
-    problem = settings_flags.check()
+    problem = settings_flags.check() or settings_flags.check_task(_TASK.value)
     if problem:
         _fail(problem)
     try:
@@ -166,6 +168,7 @@ def main(argv: list[str]) -> None:
             ignore_unknown_options=True,
             seed=_SEED.value,
             num_eval_clients=_NUM_EVAL.value,
+            **settings_flags.task_options(),
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(f"--task={_TASK.value}: {error}")
@@ -203,4 +206,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=settings_flags.parse_flags)

@@ -36,9 +36,6 @@ _ALGORITHMS = flags.DEFINE_list(
     "algorithms", ["fedavg", "maml", "meta_sgd", "mfl"], "Algorithms to train, comma-separated."
 )
 _ROUNDS = flags.DEFINE_list("rounds", ["100", "300"], "Checkpoint rounds to evaluate at.")
-_SHOTS = flags.DEFINE_integer(
-    "shots", None, "Support shots per client (a task option); empty: the task's setting."
-)
 _SERVER_OPT = flags.DEFINE_string("server_optimizer", None, "Server optimizer (None: default).")
 _SERVER_LR = flags.DEFINE_float("server_lr", None, "Server learning rate (None: default).")
 _ADAPTIVE = flags.DEFINE_string("adaptive_update", "meta", "mfl adaptive update: meta or local.")
@@ -78,6 +75,7 @@ def _train_and_evaluate(
         server_optimizer=_SERVER_OPT.value,
         server_lr=_SERVER_LR.value,
         adaptive_update=_ADAPTIVE.value,
+        **settings_flags.algorithm_flags(),
         cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
     )
     process, spec = builders.build_algorithm(name, task, options)
@@ -139,13 +137,26 @@ def _write_row(
     reached_at: Optional[int],
     settings: settings_lib.TaskSettings,
 ) -> None:
-    """Appends a checkpoint round's row to --output and its full report to the .jsonl beside it."""
+    """Appends a checkpoint round's row to --output and its full report to the .jsonl beside it.
+
+    The row's setup is --tag followed by the meta-model flags (and --label_noise when given), so
+    every row says which meta-model (and client optimizer) produced it.
+    """
     after = report["after_adaptation"]
+    setup = " ".join(
+        part
+        for part in (
+            _TAG.value,
+            settings_flags.describe_algorithm(),
+            settings_flags.describe_data(),
+        )
+        if part
+    )
     row = (
         f"| {task.name} | {name} | {round_num} | {task.metric} | "
         f"{report['before_adaptation']['mean']:.4f} | {after['mean']:.4f} | "
         f"{after['p10']:.4f} | {report['fine_tune']['after_adaptation']['mean']:.4f} | "
-        f"{reached_at if reached_at is not None else '-'} | {trained_s:.0f} | {_TAG.value} |\n"
+        f"{reached_at if reached_at is not None else '-'} | {trained_s:.0f} | {setup} |\n"
     )
     with open(_OUTPUT.value, "a") as f:
         f.write(row)
@@ -177,14 +188,14 @@ def main(argv: list[str]) -> None:
     unknown = [a for a in _ALGORITHMS.value if a not in builders.ALGORITHMS]
     if unknown:
         _fail(f"--algorithms has unknown {unknown}; choose from {', '.join(builders.ALGORITHMS)}.")
-    if _SHOTS.value is not None and _SHOTS.value < 1:
-        _fail(f"--shots must be >= 1, got {_SHOTS.value}.")
-    problem = settings_flags.check()
+    problem = settings_flags.check() or settings_flags.check_task(_TASK.value)
     if problem:
         _fail(problem)
-    task_options = {"seed": _SEED.value, "num_eval_clients": _NUM_EVAL.value}
-    if _SHOTS.value is not None:
-        task_options["shots"] = _SHOTS.value
+    task_options = {
+        "seed": _SEED.value,
+        "num_eval_clients": _NUM_EVAL.value,
+        **settings_flags.task_options(),
+    }
     try:
         task = registry.get_task(_TASK.value, ignore_unknown_options=True, **task_options)
     except (ValueError, TypeError, FileNotFoundError) as error:
@@ -197,8 +208,6 @@ def main(argv: list[str]) -> None:
             f"clients of --task={_TASK.value}; lower --clients_per_round."
         )
     explicit = settings_flags.explicit()
-    if _SHOTS.value is not None:
-        explicit.add("shots")
     print(f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit)}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     if not os.path.exists(_OUTPUT.value):
@@ -210,13 +219,22 @@ def main(argv: list[str]) -> None:
 
 
 def _flag_values(settings: settings_lib.TaskSettings) -> dict:
-    """This binary's flags, hyperparameters as used (the task's settings where a flag is unset)."""
+    """This binary's flags and the shared ones, hyperparameters as used (the task's settings where
+    a flag is unset), ranges spelled LO:HI as on the command line."""
     effective = settings.as_dict()
+    if isinstance(settings.shots, tuple):
+        effective["shots"] = settings_lib.format_range(settings.shots)
+    noise = settings_flags.task_options().get("label_noise")
+    effective["label_noise"] = None if noise is None else settings_lib.format_range(noise)
     values = {name: flags.FLAGS[name].value for name in flags.FLAGS if name in _OWN_FLAGS}
     return {name: effective.get(name, value) for name, value in values.items()}
 
 
-_OWN_FLAGS = {f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+_OWN_FLAGS = {
+    f.name
+    for module in (sys.modules[__name__], settings_flags)
+    for f in flags.FLAGS.get_key_flags_for_module(module)
+}
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=settings_flags.parse_flags)

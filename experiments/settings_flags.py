@@ -1,16 +1,25 @@
 """The hyperparameter flags that `compare.py` and `quality.py` share, filled from the task.
 
 Each flag is named like the `mfl_tff.data.TaskSettings` field it fills; left empty, it takes the
-task's own setting (`settings(task)`). `check()` gives the one-line errors the binaries print.
+task's own setting (`settings(task)`). The data flags --shots and --label_noise are task options
+(`task_options()`), and the meta-model flags fill `AlgorithmOptions` (`algorithm_flags()`).
+`check()` and `check_task()` give the one-line errors the binaries print, and `parse_flags` turns
+absl's own parse errors into one line too; each ends the binary with exit status 2.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from absl import flags
 
+from mfl_tff.data import registry
+from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.settings import TaskSettings
+from mfl_tff.meta import meta_model as meta_model_lib
 
 CLIENTS_PER_ROUND = flags.DEFINE_integer(
     "clients_per_round", None, "Clients per round; empty: the task's setting."
@@ -53,6 +62,44 @@ EVAL_ADAPTATION_STEPS = flags.DEFINE_integer(
     "Adaptation steps at evaluation; empty: the task's setting (the effective --inner_steps).",
 )
 
+SHOTS = flags.DEFINE_string(
+    "shots",
+    None,
+    "Support shots per client (per class for digits_fewshot), a task option: N, or LO:HI "
+    "(sinusoid, digits_fewshot) for each client to draw its own; empty: the task's setting.",
+)
+LABEL_NOISE = flags.DEFINE_string(
+    "label_noise",
+    None,
+    "sinusoid: standard deviation of Gaussian noise on the targets clients observe (held-out "
+    "query targets stay noise-free): S, or LO:HI for each client to draw its own from U[LO, HI]; "
+    "empty: 0.",
+)
+META_MODEL = flags.DEFINE_enum(
+    "meta_model",
+    "rates",
+    meta_model_lib.META_MODELS,
+    "mfl/meta_sgd: how a client's inner-loop step sizes are made; see the README's Meta-models.",
+)
+CLIENT_OPTIMIZER = flags.DEFINE_enum(
+    "client_optimizer",
+    "sgd",
+    meta_model_lib.CLIENT_OPTIMIZERS,
+    "mfl/meta_sgd: the inner loop's optimizer; see the README's Meta-models.",
+)
+INNER_CLIP_NORM = flags.DEFINE_float(
+    "inner_clip_norm",
+    None,
+    "Clip of each inner-loop support gradient, >= 0; 0: off; empty: automatic. See the README's "
+    "Meta-models.",
+)
+META_CLIP_NORM = flags.DEFINE_float(
+    "meta_clip_norm",
+    None,
+    "Clip of the aggregated meta-gradients, >= 0; 0: off; empty: automatic. See the README's "
+    "Meta-models.",
+)
+
 SETTINGS_FLAGS = (
     CLIENTS_PER_ROUND,
     INNER_STEPS,
@@ -72,8 +119,71 @@ def settings(task) -> TaskSettings:
 
 
 def explicit() -> set[str]:
-    """Names of the hyperparameter flags given explicitly."""
-    return {flag.name for flag in SETTINGS_FLAGS if flag.value is not None}
+    """Names of the hyperparameter flags given explicitly (--shots among them)."""
+    names = {flag.name for flag in SETTINGS_FLAGS if flag.value is not None}
+    return names | ({"shots"} if SHOTS.value is not None else set())
+
+
+def task_options() -> dict[str, Any]:
+    """--shots and --label_noise as task options, those given only (call `check()` first)."""
+    options = {}
+    if SHOTS.value is not None:
+        options["shots"] = settings_lib.parse_shots(SHOTS.value)
+    if LABEL_NOISE.value is not None:
+        options["label_noise"] = settings_lib.parse_noise(LABEL_NOISE.value)
+    return options
+
+
+def algorithm_flags() -> dict[str, Any]:
+    """The `AlgorithmOptions` fields set by the meta-model flags."""
+    return {
+        "meta_model": META_MODEL.value,
+        "client_optimizer": CLIENT_OPTIMIZER.value,
+        "inner_clip_norm": INNER_CLIP_NORM.value,
+        "meta_clip_norm": META_CLIP_NORM.value,
+    }
+
+
+def describe_algorithm() -> str:
+    """The meta-model flags as `name=value` pairs (the clip norms only when given)."""
+    values = algorithm_flags()
+    return " ".join(
+        f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in values.items()
+        if value is not None
+    )
+
+
+def describe_data() -> str:
+    """'label_noise=...' when --label_noise is given, else '' (shots are in the settings)."""
+    noise = task_options().get("label_noise")
+    return "" if noise is None else f"label_noise={settings_lib.format_range(noise)}"
+
+
+def check_task(task_name: str) -> Optional[str]:
+    """The one-line problem with the data flags for `task_name`, or None.
+
+    --label_noise on a task without label noise is an error, not a note: dropping it silently
+    would train on clean data.
+    """
+    if LABEL_NOISE.value is None or task_name not in registry.task_names():
+        return None
+    if "label_noise" in registry.task_options(task_name):
+        return None
+    takers = [n for n in registry.task_names() if "label_noise" in registry.task_options(n)]
+    return (
+        f"--label_noise does not apply to --task={task_name} (only to {', '.join(takers)}); drop "
+        "--label_noise."
+    )
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parser, its errors (an unknown flag, a bad enum) one line with exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"error: {' '.join(str(e).split())}; see --helpshort.\n")
+        sys.exit(2)
 
 
 def check() -> Optional[str]:
@@ -88,4 +198,11 @@ def check() -> Optional[str]:
         return (
             f"--meta_lr must be >= 0 (0 freezes what --meta_optimizer steps), got {META_LR.value}."
         )
+    for flag in (INNER_CLIP_NORM, META_CLIP_NORM):
+        if flag.value is not None and not (math.isfinite(flag.value) and flag.value >= 0):
+            return f"--{flag.name} must be a number >= 0 (0 turns clipping off), got {flag.value}."
+    try:
+        task_options()
+    except ValueError as e:
+        return str(e)
     return None

@@ -91,9 +91,16 @@ def _hparams(settings: TaskSettings) -> dict[str, Any]:
     """This binary's flags in definition order, hyperparameters as used (for hparams.csv).
 
     Unset hyperparameter flags are recorded with the task's values, so the resume check compares
-    what is trained, not how it was spelled on the command line.
+    what is trained, not how it was spelled on the command line. Ranges are spelled as on the
+    command line (LO:HI), and --label_noise as used: 0 when unset on a task that takes it.
     """
     effective = settings.as_dict()
+    noise = cfg.label_noise()
+    if noise is None and "label_noise" in registry.task_options(cfg.TASK.value):
+        noise = 0.0
+    effective["label_noise"] = None if noise is None else settings_lib.format_range(noise)
+    if isinstance(settings.shots, tuple):
+        effective["shots"] = settings_lib.format_range(settings.shots)
     return {
         f.name: effective.get(f.name, f.value) for f in flags.FLAGS.get_key_flags_for_module(cfg)
     }
@@ -305,11 +312,13 @@ def _resume_point(paths: outputs.OutputPaths) -> str:
 
 def _build_task() -> FederatedTask:
     """The task from the data flags; task errors become one-line usage errors."""
+    shots = cfg.shots()
     options = {
         "seed": cfg.SEED.value,
         "num_train_clients": cfg.NUM_TRAIN_CLIENTS.value,
         "num_eval_clients": cfg.NUM_EVAL_CLIENTS.value,
-        "shots": cfg.SHOTS.value,
+        "shots": shots,
+        "label_noise": cfg.label_noise(),
         "dirichlet_concentration": cfg.DIRICHLET.value,
         "model": cfg.MODEL.value,
         "data_cache_dir": cfg.DATA_CACHE_DIR.value,
@@ -317,6 +326,13 @@ def _build_task() -> FederatedTask:
     # Unset flags leave the task's own defaults in place.
     options = {k: v for k, v in options.items() if v is not None}
     accepted = set(registry.task_options(cfg.TASK.value))
+    # Noise changes the data a run learns from: dropping it silently would train on clean data.
+    if "label_noise" in options and "label_noise" not in accepted:
+        takers = [n for n in registry.task_names() if "label_noise" in registry.task_options(n)]
+        raise cfg.UsageError(
+            f"--label_noise does not apply to --task={cfg.TASK.value} (only to "
+            f"{', '.join(takers)}); drop --label_noise."
+        )
     for name in sorted(set(options) - accepted):
         if flags.FLAGS[name].present:
             print(f"note: --{name} does not apply to --task={cfg.TASK.value}; ignored.", flush=True)
@@ -326,6 +342,13 @@ def _build_task() -> FederatedTask:
         raise cfg.UsageError(f"--data_cache_dir: {e}") from None
     except ValueError as e:
         raise cfg.UsageError(f"--task={cfg.TASK.value}: {e}") from None
+    except TypeError:
+        if not isinstance(shots, tuple):
+            raise
+        raise cfg.UsageError(
+            f"--shots={cfg.SHOTS.value}: --task={cfg.TASK.value} takes one count of shots, not a "
+            "range; pass --shots=N."
+        ) from None
 
 
 def _build_algorithm(
@@ -355,6 +378,7 @@ def _build_algorithm(
         adaptive_update=cfg.ADAPTIVE_UPDATE.value,
         adaptive_data=cfg.ADAPTIVE_DATA.value,
         first_order=cfg.FIRST_ORDER.value,
+        **cfg.algorithm_flags(),
         model_aggregator=aggregators.model,
         meta_aggregator=aggregators.meta,
         # A cohort larger than a round only adds empty padding clients. Per-client aggregators

@@ -19,6 +19,7 @@ from mfl_tff.algorithms import aggregation, builders, mfl
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.meta import hparams as meta_hparams
+from mfl_tff.meta import meta_model as meta_model_lib
 from mfl_tff.training import worker
 
 # Held-out clients evaluated when --num_eval_clients is not given: enough for a stable mean and
@@ -71,6 +72,32 @@ ADAPTIVE_DATA = flags.DEFINE_string(
 )
 FIRST_ORDER = flags.DEFINE_bool(
     "first_order", False, "mfl: first-order meta-gradients (no second derivatives)."
+)
+META_MODEL = flags.DEFINE_enum(
+    "meta_model",
+    "rates",
+    meta_model_lib.META_MODELS,
+    "mfl/meta_sgd: how a client's inner-loop step sizes are made: rates (the learned alpha), "
+    "per_step or conditioned; see the README's Meta-models.",
+)
+CLIENT_OPTIMIZER = flags.DEFINE_enum(
+    "client_optimizer",
+    "sgd",
+    meta_model_lib.CLIENT_OPTIMIZERS,
+    "mfl/meta_sgd: the inner loop's optimizer, sgd or momentum (a learned heavy-ball beta); see "
+    "the README's Meta-models.",
+)
+INNER_CLIP_NORM = flags.DEFINE_float(
+    "inner_clip_norm",
+    None,
+    "Global-norm clip of each inner-loop support gradient, >= 0; 0: off; empty: automatic (50 "
+    "when --inner_steps > 1, else off). See the README's Meta-models.",
+)
+META_CLIP_NORM = flags.DEFINE_float(
+    "meta_clip_norm",
+    None,
+    "Global-norm clip of the aggregated meta-gradients at the server, >= 0; 0: off; empty: "
+    "automatic (10 when --inner_steps > 1, else off). See the README's Meta-models.",
 )
 INNER_LR = flags.DEFINE_float(
     "inner_lr",
@@ -163,11 +190,19 @@ NUM_EVAL_CLIENTS = flags.DEFINE_integer(
     "Held-out clients (never trained on) to evaluate; the task then holds out this many. Empty: "
     f"the task's own held-out clients, at most {DEFAULT_EVAL_CLIENTS} of them evaluated.",
 )
-SHOTS = flags.DEFINE_integer(
+SHOTS = flags.DEFINE_string(
     "shots",
     None,
-    "Support examples per client (per class for digits_fewshot); empty: the task's setting "
+    "Support examples per client (per class for digits_fewshot): N, or LO:HI (sinusoid, "
+    "digits_fewshot) for each client to draw its own from LO..HI; empty: the task's setting "
     "(sinusoid 10, digits_fewshot 5; the others split each client in half).",
+)
+LABEL_NOISE = flags.DEFINE_string(
+    "label_noise",
+    None,
+    "sinusoid: standard deviation of Gaussian noise on the targets clients observe (support, "
+    "and training clients' query; held-out query targets stay noise-free): S, or LO:HI for each "
+    "client to draw its own from U[LO, HI]; empty: 0 (no noise).",
 )
 DIRICHLET = flags.DEFINE_float(
     "dirichlet_concentration", None, "digits: label skew, smaller is more skewed; empty: 0.5."
@@ -285,12 +320,19 @@ def check_flags() -> None:
         "rounds_per_call": ROUNDS_PER_CALL,
         "num_train_clients": NUM_TRAIN_CLIENTS,
         "num_eval_clients": NUM_EVAL_CLIENTS,
-        "shots": SHOTS,
         "eval_adaptation_steps": EVAL_ADAPTATION_STEPS,
     }
     for name, holder in at_least_one.items():
         value = holder.value
         require(value is None or value >= 1, f"--{name} must be >= 1, got {value}.")
+    shots()
+    label_noise()
+    for holder in (INNER_CLIP_NORM, META_CLIP_NORM):
+        value = holder.value
+        require(
+            value is None or (math.isfinite(value) and value >= 0),
+            f"--{holder.name} must be a number >= 0 (0 turns clipping off), got {value}.",
+        )
     for name, holder in {
         "rounds_per_eval": ROUNDS_PER_EVAL,
         "checkpoints_to_keep": CHECKPOINTS_TO_KEEP,
@@ -358,6 +400,44 @@ def check_choices() -> None:
             value is None or value in allowed or (holder is SERVER_OPTIMIZER and not value),
             f"--{holder.name}={value!r} is unknown; choose one of: {', '.join(allowed)}.",
         )
+
+
+def shots() -> settings_lib.Shots | None:
+    """--shots as a task takes it: a count, a range (lo, hi), or None when unset.
+
+    Raises:
+      UsageError: If the flag is not N or LO:HI with 1 <= LO <= HI.
+    """
+    if SHOTS.value is None:
+        return None
+    try:
+        return settings_lib.parse_shots(SHOTS.value)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def label_noise() -> settings_lib.Noise | None:
+    """--label_noise as a task takes it: a standard deviation, a range (lo, hi), or None (unset).
+
+    Raises:
+      UsageError: If the flag is not S or LO:HI with 0 <= LO <= HI.
+    """
+    if LABEL_NOISE.value is None:
+        return None
+    try:
+        return settings_lib.parse_noise(LABEL_NOISE.value)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def algorithm_flags() -> dict:
+    """The `AlgorithmOptions` fields set by the meta-model flags."""
+    return {
+        "meta_model": META_MODEL.value,
+        "client_optimizer": CLIENT_OPTIMIZER.value,
+        "inner_clip_norm": INNER_CLIP_NORM.value,
+        "meta_clip_norm": META_CLIP_NORM.value,
+    }
 
 
 def explicit_settings() -> set[str]:

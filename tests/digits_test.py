@@ -239,3 +239,77 @@ def test_fewshot_bad_options_raise_value_error(options):
 def test_fewshot_largest_valid_shots_build():
     task = digits.build_digits_fewshot(shots=42, query_shots=10, num_train_clients=3)
     assert len(task.eval_data.client_arrays("eval/0000000")["y"]) == 5 * 52
+
+
+# digits_fewshot with a shot range: each client its own K ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranged_task():
+    return digits.build_digits_fewshot(
+        ways=WAYS, shots=(1, 10), query_shots=QUERY, num_train_clients=200, num_eval_clients=20
+    )
+
+
+def test_a_shot_range_gives_each_client_balanced_support_of_its_own_size(ranged_task):
+    assert ranged_task.settings.shots == (1, 10)
+    drawn = []
+    for data, pack in (
+        (ranged_task.train_data, ranged_task.train_clients),
+        (ranged_task.eval_data, ranged_task.eval_clients),
+    ):
+        for cid in data.client_ids[:20]:
+            k = digits.fewshot_shots(cid, (1, 10), seed=0)
+            assert 1 <= k <= 10
+            drawn.append(k)
+            arrays = data.client_arrays(cid)
+            assert len(arrays["y"]) == WAYS * (k + QUERY)
+            (packed,) = pack([cid])
+            support, query = packed["support"], packed["query"]
+            # One support batch of ways * hi examples; the mask counts ways * K real ones.
+            assert support["mask"].shape == (1, WAYS * 10)
+            assert support["mask"].sum() == WAYS * k
+            assert query["mask"].sum() == WAYS * QUERY
+            labels = support["y"][support["mask"] > 0]
+            assert collections.Counter(labels.tolist()) == {c: k for c in range(WAYS)}
+            idx = _indices(arrays["x"])
+            assert set(_indices(support["x"][support["mask"] > 0])) == set(idx[: WAYS * k])
+            _mapping(arrays)
+    assert len(set(drawn)) >= 6
+    again = digits.build_digits_fewshot(ways=WAYS, shots=(1, 10), query_shots=QUERY)
+    cid = ranged_task.train_data.client_ids[7]
+    np.testing.assert_array_equal(
+        ranged_task.train_data.client_arrays(cid)["x"], again.train_data.client_arrays(cid)["x"]
+    )
+
+
+def test_an_integer_shot_count_is_unchanged_by_the_range_option(fewshot_task):
+    # A range of one count is that count, and builds the clients an integer builds.
+    same = digits.build_digits_fewshot(ways=WAYS, shots=(SHOTS, SHOTS), query_shots=QUERY)
+    assert same.settings == fewshot_task.settings
+    assert same.train_split == fewshot_task.train_split
+    assert same.train_pack == fewshot_task.train_pack
+    cid = fewshot_task.train_data.client_ids[3]
+    a, b = fewshot_task.train_clients([cid])[0], same.train_clients([cid])[0]
+    for part in ("support", "query"):
+        for key in ("x", "y", "mask"):
+            np.testing.assert_array_equal(a[part][key], b[part][key])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(shots=(0, 3)), "lo >= 1"),
+        (dict(shots=(4, 2)), "lo > hi"),
+        (dict(shots=(1, 43), query_shots=10), "hi \\+ query_shots = 53"),
+    ],
+)
+def test_fewshot_bad_shot_ranges_are_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message) as error:
+        digits.build_digits_fewshot(num_train_clients=3, **options)
+    assert "\n" not in str(error.value)
+
+
+def test_dirichlet_digits_refuses_a_shot_range():
+    with pytest.raises(ValueError, match="integer"):
+        digits.build_digits(shots=(2, 5))

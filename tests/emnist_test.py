@@ -224,6 +224,7 @@ def test_too_many_eval_clients_raises(emnist_dir):
         {"batch_size": 0},
         {"max_batches": 0},
         {"shots": 0},
+        {"shots": (2, 5)},
     ],
 )
 def test_invalid_counts_raise_before_reading_data(tmp_path, options):

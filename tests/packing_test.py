@@ -106,6 +106,11 @@ def test_truncation_draws_a_different_subset_for_a_different_generator():
         (packing.SplitSpec(support_size=1), 2, 1),
         (packing.SplitSpec(support_size=3), 1, 1),
         (packing.SplitSpec(support_size=3), 0, 0),
+        (packing.SplitSpec(query_size=10), 30, 20),  # the rest after the query
+        (packing.SplitSpec(query_size=10), 12, 2),
+        (packing.SplitSpec(query_size=10), 10, 1),  # query_size >= n: one left for support
+        (packing.SplitSpec(query_size=1), 2, 1),
+        (packing.SplitSpec(query_size=3), 1, 1),
     ],
 )
 def test_num_support(spec, n, expected):
@@ -234,6 +239,8 @@ def test_invalid_pack_spec_raises(kwargs):
     [
         dict(support_size=0),
         dict(support_size=-1),
+        dict(query_size=0),
+        dict(support_size=2, query_size=3),
         dict(support_fraction=0.0),
         dict(support_fraction=1.0),
         dict(support_fraction=1.5),
@@ -253,3 +260,13 @@ def test_x_and_y_of_different_lengths_raise():
             packing.PackSpec(2, 2, 2),
             np.random.default_rng(0),
         )
+
+
+def test_a_fixed_query_size_gives_clients_of_any_size_their_own_support():
+    # Generated clients with support first and a fixed query (shots=(lo, hi) tasks).
+    split, pack = packing.SplitSpec(query_size=4, shuffle=False), packing.PackSpec(6, 1, 1)
+    for n in (5, 7, 10):
+        packed = _pack(n, split, pack)
+        np.testing.assert_array_equal(np.sort(_real_ids(packed["support"])), np.arange(n - 4))
+        np.testing.assert_array_equal(np.sort(_real_ids(packed["query"])), np.arange(n - 4, n))
+        assert packed["support"]["mask"].sum() == n - 4

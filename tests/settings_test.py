@@ -71,6 +71,10 @@ def test_with_overrides_rejects_unknown_names_and_bad_values():
         {"clients_per_round": 0},
         {"eval_adaptation_steps": 0},
         {"shots": 0},
+        {"shots": (0, 5)},
+        {"shots": (5, 2)},
+        {"shots": (5, 5)},  # a range of one count is stored as the count
+        {"shots": [2, 5]},
         {"inner_steps": 1.5},
         {"meta_optimizer": ""},
         {"alpha_granularity": None},
@@ -142,7 +146,13 @@ def test_synthetic_and_emnist_carry_their_own_settings():
 
 @pytest.mark.parametrize(
     "name, shots",
-    [("sinusoid", 5), ("digits_fewshot", 3), ("digits", 4)],
+    [
+        ("sinusoid", 5),
+        ("digits_fewshot", 3),
+        ("digits", 4),
+        ("sinusoid", (2, 20)),
+        ("digits_fewshot", (1, 10)),
+    ],
 )
 def test_a_task_records_the_shots_it_was_built_with(name, shots):
     task = registry.get_task(name, shots=shots, **SMALL)
@@ -161,3 +171,54 @@ def test_a_task_needs_task_settings():
     fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(FederatedTask) if f.init}
     with pytest.raises(TypeError, match="TaskSettings"):
         FederatedTask(**{**fields, "settings": {"inner_lr": 0.1}})
+
+
+def test_a_shot_range_is_kept_and_described_as_on_the_command_line():
+    values = TaskSettings(shots=(2, 20))
+    assert values.shots == (2, 20) and values.as_dict()["shots"] == (2, 20)
+    assert values.describe(explicit={"shots"}).endswith("shots=2:20*")
+    assert settings.max_shots((2, 20)) == 20 and settings.max_shots(7) == 7
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("5", 5), ("2:20", (2, 20)), (" 3 : 4 ", (3, 4)), ("4:4", 4)],
+)
+def test_parse_shots(text, expected):
+    assert settings.parse_shots(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("0.3", 0.3), ("0", 0.0), ("0:1", (0.0, 1.0)), ("0.5:0.5", 0.5), ("1e-1:2", (0.1, 2.0))],
+)
+def test_parse_noise(text, expected):
+    assert settings.parse_noise(text) == expected
+
+
+@pytest.mark.parametrize(
+    "parse, text, fix",
+    [
+        (settings.parse_shots, "2:", "--shots=5 or --shots=2:20"),
+        (settings.parse_shots, ":3", "--shots=5 or --shots=2:20"),
+        (settings.parse_shots, "a:b", "--shots=5 or --shots=2:20"),
+        (settings.parse_shots, "1.5", "--shots=5 or --shots=2:20"),
+        (settings.parse_shots, "1:2:3", "--shots=5 or --shots=2:20"),
+        (settings.parse_shots, "", "--shots=5 or --shots=2:20"),
+        (settings.parse_shots, "5:2", "pass --shots=2:5"),
+        (settings.parse_shots, "0:4", ">= 1"),
+        (settings.parse_shots, "0", ">= 1"),
+        (settings.parse_shots, "2:-3", ">= 1"),
+        (settings.parse_noise, "1:-0.5", ">= 0"),
+        (settings.parse_noise, "a:b", "--label_noise=0.3 or --label_noise=0:1"),
+        (settings.parse_noise, "0.1:", "--label_noise=0.3 or --label_noise=0:1"),
+        (settings.parse_noise, "-0.1", ">= 0"),
+        (settings.parse_noise, "nan", ">= 0"),
+        (settings.parse_noise, "1:0.5", "pass --label_noise=0.5:1"),
+    ],
+)
+def test_malformed_range_flags_are_one_line_errors_naming_the_fix(parse, text, fix):
+    with pytest.raises(ValueError) as error:
+        parse(text)
+    message = str(error.value)
+    assert fix in message and "\n" not in message and message.startswith("--")

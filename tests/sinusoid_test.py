@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mfl_tff.data import sinusoid
+from mfl_tff.data import packing, sinusoid
 
 SHOTS = 10
 
@@ -123,3 +123,156 @@ def test_task_is_regression():
 def test_bad_counts_raise(options):
     with pytest.raises(ValueError):
         sinusoid.build_sinusoid(**options)
+
+
+# ---- Heterogeneous clients: a support size and a noise level of their own ----
+
+
+def _old_client(cid, shots, query_points, evenly_spaced, seed=0):
+    """A client exactly as generated before shot ranges and label noise (the x stream, then the
+    closed form A sin(x - phase))."""
+    amplitude, phase = sinusoid.wave(cid, seed)
+    rng = np.random.default_rng(packing.client_seed(seed, f"sinusoid/x/{cid}"))
+    support_x = rng.uniform(-5.0, 5.0, size=shots)
+    if evenly_spaced:
+        query_x = np.linspace(-5.0, 5.0, num=query_points)
+    else:
+        query_x = rng.uniform(-5.0, 5.0, size=query_points)
+    x = np.concatenate([support_x, query_x]).astype(np.float32)[:, None]
+    return x, (amplitude * np.sin(x - phase)).astype(np.float32)
+
+
+@pytest.mark.parametrize("options", [{}, {"label_noise": 0.0}, {"label_noise": (0.0, 0.0)}])
+def test_default_clients_are_bit_identical_to_before(options):
+    task = sinusoid.build_sinusoid(num_train_clients=50, num_eval_clients=10, **options)
+    for data, query, grid in ((task.train_data, 10, False), (task.eval_data, 100, True)):
+        for cid in data.client_ids[:10]:
+            arrays = data.client_arrays(cid)
+            x, y = _old_client(cid, SHOTS, query, grid)
+            np.testing.assert_array_equal(arrays["x"], x)
+            np.testing.assert_array_equal(arrays["y"], y)
+    assert task.train_split == packing.SplitSpec(support_size=SHOTS, shuffle=False)
+    assert task.train_pack == packing.PackSpec(SHOTS, 1, 1)
+    assert task.eval_pack == packing.PackSpec(SHOTS, 1, 10)
+    assert task.settings == sinusoid.SETTINGS
+
+
+def test_a_shot_range_gives_each_client_its_own_reproducible_support_size():
+    task = sinusoid.build_sinusoid(
+        shots=(2, 20), query_points=7, num_train_clients=200, num_eval_clients=20
+    )
+    assert task.settings.shots == (2, 20)
+    sizes = []
+    for data, query in ((task.train_data, 7), (task.eval_data, 100)):
+        for cid in data.client_ids[:20]:
+            size = sinusoid.support_size(cid, (2, 20), seed=0)
+            assert 2 <= size <= 20 and size == sinusoid.support_size(cid, (2, 20), seed=0)
+            sizes.append(size)
+            arrays = data.client_arrays(cid)
+            assert len(arrays["x"]) == size + query
+            (packed,) = (task.train_clients if query == 7 else task.eval_clients)([cid])
+            support = packed["support"]
+            # One support batch of hi points; the mask counts the client's own size.
+            assert support["mask"].shape == (1, 20) and support["mask"].sum() == size
+            assert packed["query"]["mask"].sum() == query
+            np.testing.assert_array_equal(
+                np.sort(support["x"][support["mask"] > 0][:, 0]), np.sort(arrays["x"][:size, 0])
+            )
+            # Padding is zero and masked out.
+            assert np.all(support["x"][support["mask"] == 0] == 0.0)
+    assert len(set(sizes)) > 5
+    rebuilt = sinusoid.build_sinusoid(shots=(2, 20), query_points=7, num_train_clients=200)
+    cid = task.train_data.client_ids[3]
+    np.testing.assert_array_equal(
+        task.train_data.client_arrays(cid)["x"], rebuilt.train_data.client_arrays(cid)["x"]
+    )
+    # The support size is a function of the seed as well.
+    ids = task.train_data.client_ids[:20]
+    assert [sinusoid.support_size(c, (2, 20), 0) for c in ids] != [
+        sinusoid.support_size(c, (2, 20), 1) for c in ids
+    ]
+
+
+def test_a_range_of_one_count_is_that_count():
+    one = sinusoid.build_sinusoid(shots=(5, 5), num_train_clients=5, num_eval_clients=2)
+    five = sinusoid.build_sinusoid(shots=5, num_train_clients=5, num_eval_clients=2)
+    assert one.settings == five.settings and one.train_pack == five.train_pack
+    cid = one.train_data.client_ids[0]
+    np.testing.assert_array_equal(
+        one.train_clients([cid])[0]["support"]["x"], five.train_clients([cid])[0]["support"]["x"]
+    )
+
+
+def test_label_noise_perturbs_observed_targets_only():
+    sigma, query = 0.3, 10
+    task = sinusoid.build_sinusoid(
+        label_noise=sigma, query_points=query, num_train_clients=400, num_eval_clients=100
+    )
+    residuals = {"support": [], "train query": []}
+    for cid in task.train_data.client_ids:
+        arrays = task.train_data.client_arrays(cid)
+        amplitude, phase = sinusoid.wave(cid, 0)
+        clean = amplitude * np.sin(arrays["x"].astype(np.float64) - phase)
+        # The inputs are those of the noise-free client.
+        np.testing.assert_array_equal(arrays["x"], _old_client(cid, SHOTS, query, False)[0])
+        residual = (arrays["y"] - clean)[:, 0]
+        residuals["support"].append(residual[:SHOTS])
+        residuals["train query"].append(residual[SHOTS:])
+    for name, values in residuals.items():
+        values = np.concatenate(values)
+        # 4,000 draws: the sample std of N(0, 0.3^2) is within 0.3 +- 0.012 (about 3.5 sigma).
+        assert abs(values.std() - sigma) < 0.012, name
+        assert abs(values.mean()) < 0.02, name
+    for cid in task.eval_data.client_ids:
+        arrays = task.eval_data.client_arrays(cid)
+        x, y = _old_client(cid, SHOTS, 100, True)
+        np.testing.assert_array_equal(arrays["x"], x)
+        # Held-out query targets are the true wave, exactly; their support is observed (noisy).
+        np.testing.assert_array_equal(arrays["y"][SHOTS:], y[SHOTS:])
+        assert not np.array_equal(arrays["y"][:SHOTS], y[:SHOTS])
+    assert sinusoid.noise_sigma(task.train_data.client_ids[0], sigma, 0) == sigma
+
+
+def test_a_noise_range_gives_each_client_its_own_reproducible_sigma():
+    task = sinusoid.build_sinusoid(
+        shots=(2, 20), label_noise=(0.0, 1.0), num_train_clients=300, num_eval_clients=5
+    )
+    ids = task.train_data.client_ids
+    sigmas = np.array([sinusoid.noise_sigma(cid, (0.0, 1.0), 0) for cid in ids])
+    assert np.all((sigmas >= 0.0) & (sigmas <= 1.0))
+    assert sigmas.min() < 0.05 and sigmas.max() > 0.95
+    again = sinusoid.build_sinusoid(shots=(2, 20), label_noise=(0.0, 1.0), num_train_clients=300)
+    for cid in ids[:5]:
+        np.testing.assert_array_equal(
+            task.train_data.client_arrays(cid)["y"], again.train_data.client_arrays(cid)["y"]
+        )
+    # Each client's residuals follow its own sigma: the noisiest tenth is much noisier.
+    spread = []
+    for cid in ids:
+        arrays = task.train_data.client_arrays(cid)
+        amplitude, phase = sinusoid.wave(cid, 0)
+        residual = arrays["y"][:, 0] - amplitude * np.sin(
+            arrays["x"][:, 0].astype(np.float64) - phase
+        )
+        spread.append(np.sqrt(np.mean(residual**2)))
+    order = np.argsort(sigmas)
+    assert np.mean(np.array(spread)[order[-30:]]) > 5 * np.mean(np.array(spread)[order[:30]])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(shots=(0, 5)), "lo >= 1"),
+        (dict(shots=(6, 5)), "lo > hi"),
+        (dict(shots=(1, 2, 3)), "range"),
+        (dict(shots=2.5), "integer"),
+        (dict(label_noise=-0.1), ">= 0"),
+        (dict(label_noise=(0.5, 0.1)), "lo > hi"),
+        (dict(label_noise=(-1.0, 0.1)), "lo >= 0"),
+        (dict(label_noise=float("nan")), ">= 0"),
+    ],
+)
+def test_bad_ranges_and_noise_are_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message) as error:
+        sinusoid.build_sinusoid(num_train_clients=3, num_eval_clients=2, **options)
+    assert "\n" not in str(error.value)

@@ -29,6 +29,9 @@ from absl import flags
 from absl import logging as absl_logging
 
 from experiments import train
+from mfl_tff.algorithms import builders
+from mfl_tff.data import sinusoid
+from mfl_tff.data.settings import TaskSettings
 from mfl_tff.training import runtime
 from tests import testing
 from tests.testing import WORKER_PID, csv_rows, saved_rounds
@@ -70,6 +73,11 @@ CONTRACT_FLAGS = (
     "noise_multiplier",
     "clip_norm",
     "dp_delta",
+    "label_noise",
+    "meta_model",
+    "client_optimizer",
+    "inner_clip_norm",
+    "meta_clip_norm",
 )
 
 
@@ -284,6 +292,19 @@ BAD_INPUT = {
     "remote_without_worker": (("--execution=remote",), "--worker"),
     "worker_not_host_port": (("--execution=remote", "--worker=localhost"), "--worker"),
     "worker_without_remote": (("--worker=localhost:8000",), "--execution=remote"),
+    "shots_without_hi": (("--task=sinusoid", "--shots=2:"), "--shots=2:"),
+    "shots_not_numbers": (("--task=sinusoid", "--shots=a:b"), "--shots=a:b"),
+    "shots_reversed": (("--task=sinusoid", "--shots=5:2"), "--shots=2:5"),
+    "label_noise_not_numbers": (("--task=sinusoid", "--label_noise=a:b"), "--label_noise=a:b"),
+    "label_noise_reversed": (("--task=sinusoid", "--label_noise=1:0"), "--label_noise=0:1"),
+    "label_noise_negative": (("--task=sinusoid", "--label_noise=-0.5"), "--label_noise"),
+    # The default task, digits_fewshot, takes no label noise: an error, not an ignored flag.
+    "label_noise_on_digits_fewshot": (("--label_noise=0.1",), "drop --label_noise"),
+    "shot_range_on_dirichlet_digits": (("--task=digits", "--shots=2:5"), "--task=digits"),
+    "unknown_meta_model": (("--meta_model=nope",), "meta_model"),
+    "unknown_client_optimizer": (("--client_optimizer=adam",), "client_optimizer"),
+    "negative_inner_clip_norm": (("--inner_clip_norm=-1",), "--inner_clip_norm"),
+    "infinite_meta_clip_norm": (("--meta_clip_norm=inf",), "--meta_clip_norm"),
     # Nothing listens on port 1; the check gives up after --worker_timeout, before any write.
     # (It comes after the task and the algorithm are built: the tiny ones build fastest.)
     "unreachable_worker": (
@@ -296,8 +317,13 @@ BAD_INPUT = {
         "no TFF worker answered",
     ),
 }
-# Also run as subprocesses: an absl parse error, and a usage error raised in `main`.
-SUBPROCESS_CASES = ("not_a_number", "unknown_task")
+# Also run as subprocesses: an absl parse error, and usage errors raised in `main`.
+SUBPROCESS_CASES = (
+    "not_a_number",
+    "unknown_task",
+    "shots_reversed",
+    "label_noise_on_digits_fewshot",
+)
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +391,95 @@ def test_bad_input_is_one_line_naming_the_problem_and_writes_nothing(bad_input_r
     _assert_one_line_error(code, stdout, stderr, BAD_INPUT[case][1])
     assert testing.tree_digest(root.parent) == before, "the refused run changed its output"
     assert runtime.live_worker_pids() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Heterogeneous clients and meta-model flags reach the task, AlgorithmOptions and hparams.csv.
+# ---------------------------------------------------------------------------------------------
+
+HETEROGENEOUS = (
+    "--task=sinusoid",
+    "--algorithm=mfl",
+    "--num_train_clients=30",
+    "--num_eval_clients=3",
+    "--clients_per_round=5",
+    "--shots=2:20",
+    "--label_noise=0:1",
+)
+META_MODEL_FLAGS = (
+    "--meta_model=per_step",
+    "--client_optimizer=momentum",
+    "--inner_clip_norm=0",
+    "--meta_clip_norm=2.5",
+)
+
+
+def _built_in_process(argv, tmp_path, capsys, monkeypatch) -> tuple[object, object, str]:
+    """Runs the binary in process up to `builders.build_algorithm`: (task, options, stderr).
+
+    The builder is replaced by one that records what it is given and refuses (so the run ends
+    with a usage error, before anything is written).
+    """
+    built = {}
+
+    def build_algorithm(name, task, options):
+        built.update(task=task, options=options)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(train.builders, "build_algorithm", build_algorithm)
+    root = tmp_path / "out"
+    code, _, stderr = _run_in_process([*argv, f"--root_output_dir={root}"], capsys)
+    assert code == train.EXIT_BAD_INPUT and "stopped by the test" in stderr, stderr
+    assert not root.exists()
+    return built["task"], built["options"], stderr
+
+
+def test_shot_range_label_noise_and_meta_model_flags_reach_the_task_and_the_options(
+    tmp_path, capsys, monkeypatch
+):
+    argv = [*HETEROGENEOUS, *META_MODEL_FLAGS]
+    task, options, _ = _built_in_process(argv, tmp_path, capsys, monkeypatch)
+    assert task.settings.shots == (2, 20)
+    sizes = set()
+    for cid, packed in zip(
+        task.train_data.client_ids, task.train_clients(task.train_data.client_ids)
+    ):
+        size = int(packed["support"]["mask"].sum())
+        assert 2 <= size <= 20 and packed["support"]["mask"].shape == (1, 20)
+        sizes.add(size)
+        arrays = task.train_data.client_arrays(cid)
+        amplitude, phase = sinusoid.wave(cid, 0)
+        clean = amplitude * np.sin(arrays["x"].astype(np.float64) - phase)
+        assert not np.allclose(arrays["y"], clean, atol=1e-4)  # noisy (sigma ~ U[0, 1])
+    assert len(sizes) > 5
+    assert (options.meta_model, options.client_optimizer) == ("per_step", "momentum")
+    assert (options.inner_clip_norm, options.meta_clip_norm) == (0.0, 2.5)
+
+
+def test_meta_model_flags_default_to_the_algorithms_defaults(tmp_path, capsys, monkeypatch):
+    _, options, _ = _built_in_process(HETEROGENEOUS[:5], tmp_path, capsys, monkeypatch)
+    defaults = builders.AlgorithmOptions()
+    for name in ("meta_model", "client_optimizer", "inner_clip_norm", "meta_clip_norm"):
+        assert getattr(options, name) == getattr(defaults, name), name
+
+
+def test_hparams_record_ranges_as_spelled_and_noise_as_used():
+    try:
+        train._parse_flags(["train", *HETEROGENEOUS, *META_MODEL_FLAGS])
+        values = train._hparams(TaskSettings(shots=(2, 20)))
+        assert values["shots"] == "2:20" and values["label_noise"] == "0:1"
+        assert values["meta_model"] == "per_step" and values["client_optimizer"] == "momentum"
+        assert values["inner_clip_norm"] == 0.0 and values["meta_clip_norm"] == 2.5
+        flags.FLAGS.unparse_flags()
+        # Unset on a task that takes it: no noise, recorded as 0; on one that does not: empty.
+        train._parse_flags(["train", "--task=sinusoid"])
+        assert train._hparams(TaskSettings(shots=10))["label_noise"] == "0"
+        assert train._hparams(TaskSettings(shots=10))["shots"] == 10
+        flags.FLAGS.unparse_flags()
+        train._parse_flags(["train"])
+        assert train._hparams(TaskSettings(shots=5))["label_noise"] is None
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def _bad_subprocess_run(case: str, scratch: pathlib.Path):

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn import datasets as sk_datasets
 
 from mfl_tff.data import packing, partition
+from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.client_data import ArrayClientData
 from mfl_tff.data.settings import TaskSettings
 from mfl_tff.data.task import FederatedTask, check_positive
@@ -108,6 +109,13 @@ def build_digits(
         batch_size=batch_size,
         max_batches=max_batches,
     )
+    if shots is not None:
+        shots = settings_lib.check_shots(shots)
+        if isinstance(shots, tuple):
+            raise ValueError(
+                f"digits takes one shots count for every client, got the range {shots}; pass an "
+                "integer (ranges are for digits_fewshot and sinusoid)."
+            )
     images, labels = load_digits()
     rng = np.random.default_rng(packing.client_seed(seed, "digits/partition"))
     parts = partition.dirichlet_label_partition(
@@ -145,17 +153,32 @@ def fewshot_pools(seed: int, eval_fraction: float = 0.3) -> tuple[np.ndarray, np
     return np.concatenate(train), np.concatenate(held_out)
 
 
+def fewshot_shots(client_id: str, shots: settings_lib.Shots, seed: int) -> int:
+    """A client's shots per class: `shots`, or its own draw from lo..hi (inclusive)."""
+    if not isinstance(shots, tuple):
+        return shots
+    rng = np.random.default_rng(packing.client_seed(seed, f"digits_fewshot/shots/{client_id}"))
+    return int(rng.integers(shots[0], shots[1] + 1))
+
+
 def _fewshot_client(
-    client_id: str, *, pool: np.ndarray, ways: int, shots: int, query_shots: int, seed: int
+    client_id: str,
+    *,
+    pool: np.ndarray,
+    ways: int,
+    shots: settings_lib.Shots,
+    query_shots: int,
+    seed: int,
 ) -> collections.OrderedDict:
     images, labels = load_digits()
+    num_shots = fewshot_shots(client_id, shots, seed)
     rng = np.random.default_rng(packing.client_seed(seed, f"digits_fewshot/{client_id}"))
     classes = rng.choice(NUM_CLASSES, size=ways, replace=False)  # position = local label
     support, query = [], []
     for local_label, c in enumerate(classes):
-        idx = rng.choice(pool[labels[pool] == c], size=shots + query_shots, replace=False)
-        support += [(i, local_label) for i in idx[:shots]]
-        query += [(i, local_label) for i in idx[shots:]]
+        idx = rng.choice(pool[labels[pool] == c], size=num_shots + query_shots, replace=False)
+        support += [(i, local_label) for i in idx[:num_shots]]
+        query += [(i, local_label) for i in idx[num_shots:]]
     # Support first: the task's SplitSpec(shuffle=False) cuts exactly here.
     order = np.array([i for i, _ in support + query])
     local = np.array([lab for _, lab in support + query], dtype=np.int32)
@@ -165,7 +188,7 @@ def _fewshot_client(
 def build_digits_fewshot(
     *,
     ways: int = 5,
-    shots: int = FEWSHOT_SETTINGS.shots,
+    shots: settings_lib.Shots = FEWSHOT_SETTINGS.shots,
     query_shots: int = 10,
     num_train_clients: int = 20_000,
     num_eval_clients: int = 500,
@@ -176,16 +199,18 @@ def build_digits_fewshot(
 
     Args:
       ways: Classes per client (N).
-      shots: Support examples per class (K).
+      shots: Support examples per class (K), or a range (lo, hi): each client draws its own K
+        uniformly from lo..hi (from its id and `seed`). Support is packed into one batch of
+        ways * hi examples; the padding is masked.
       query_shots: Query examples per class.
       num_train_clients: Size of the training population (clients are generated from their id).
       num_eval_clients: Held-out clients, drawn from images no training client sees.
       model: 'mlp' (64-64) or 'cnn'.
       seed: Seed of the pools, the clients, the packing and the initial model.
     """
+    shots = settings_lib.check_shots(shots)
     check_positive(
         ways=ways,
-        shots=shots,
         query_shots=query_shots,
         num_train_clients=num_train_clients,
         num_eval_clients=num_eval_clients,
@@ -195,24 +220,31 @@ def build_digits_fewshot(
     train_pool, eval_pool = fewshot_pools(seed)
     _, labels = load_digits()
     smallest = min(np.sum(labels[eval_pool] == c) for c in range(NUM_CLASSES))
-    if shots + query_shots > smallest:
+    most_shots = settings_lib.max_shots(shots)
+    if most_shots + query_shots > smallest:
+        which = "shots" if most_shots == shots else "the shots range's hi"
         raise ValueError(
-            f"shots + query_shots = {shots + query_shots} exceeds the {smallest} held-out images "
-            "of the rarest digit; lower them."
+            f"{which} + query_shots = {most_shots + query_shots} exceeds the {smallest} held-out "
+            "images of the rarest digit; lower them."
         )
     make = functools.partial(
         _fewshot_client, ways=ways, shots=shots, query_shots=query_shots, seed=seed
     )
     train_ids = [f"train/{i:07d}" for i in range(num_train_clients)]
     eval_ids = [f"eval/{i:07d}" for i in range(num_eval_clients)]
-    batch = ways * shots
+    batch = ways * most_shots
+    if isinstance(shots, tuple):
+        # Every client's support is its first ways * K examples, whatever K it drew.
+        split = packing.SplitSpec(query_size=ways * query_shots, shuffle=False)
+    else:
+        split = packing.SplitSpec(support_size=batch, shuffle=False)
     return FederatedTask(
         name="digits_fewshot",
         train_data=ArrayClientData(train_ids, functools.partial(make, pool=train_pool)),
         eval_data=ArrayClientData(eval_ids, functools.partial(make, pool=eval_pool)),
         model_fn=_model_fn(model, ways, seed),
         problem="classification",
-        train_split=packing.SplitSpec(support_size=batch, shuffle=False),
+        train_split=split,
         train_pack=packing.PackSpec(batch, 1, -(-ways * query_shots // batch)),
         seed=seed,
         settings=dataclasses.replace(FEWSHOT_SETTINGS, shots=shots),

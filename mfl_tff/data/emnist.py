@@ -241,6 +241,11 @@ def build_emnist(
     check_positive(
         num_eval_clients=num_eval_clients, batch_size=batch_size, max_batches=max_batches
     )
+    if shots is not None and not isinstance(shots, (int, np.integer)):
+        raise ValueError(
+            f"emnist takes one support size per client (shots=N), got {shots!r}; ranges are "
+            "for sinusoid and digits_fewshot."
+        )
     for name, value in (("num_train_clients", num_train_clients), ("shots", shots)):
         if value is not None:
             check_positive(**{name: value})

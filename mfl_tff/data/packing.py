@@ -30,19 +30,32 @@ class SplitSpec:
     """How a client's examples are divided into `support` and `query`.
 
     Attributes:
-      support_size: Number of support examples per client. `None` uses `support_fraction`.
-      support_fraction: Fraction of a client's examples used as support when `support_size` is None.
+      support_size: Number of support examples per client. `None` uses `query_size` or
+        `support_fraction`.
+      support_fraction: Fraction of a client's examples used as support when `support_size` and
+        `query_size` are None.
       shuffle: Whether to shuffle a client's examples before splitting. Generated few-shot tasks
         emit support examples first and set this to False so that the split is exactly theirs.
+      query_size: Number of query examples per client, the rest being support: for generated
+        tasks whose clients each draw their own support size (`shots=(lo, hi)`) around a fixed
+        query set. Only one of `support_size` and `query_size` may be set.
     """
 
     support_size: Optional[int] = None
     support_fraction: float = 0.5
     shuffle: bool = True
+    query_size: Optional[int] = None
 
     def __post_init__(self):
-        if self.support_size is not None and self.support_size < 1:
-            raise ValueError(f"support_size must be >= 1, got {self.support_size}.")
+        for name in ("support_size", "query_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.support_size is not None and self.query_size is not None:
+            raise ValueError(
+                f"Set support_size ({self.support_size}) or query_size ({self.query_size}), not "
+                "both."
+            )
         if not 0.0 < self.support_fraction < 1.0:
             raise ValueError(f"support_fraction must be in (0, 1), got {self.support_fraction}.")
 
@@ -52,6 +65,8 @@ class SplitSpec:
             return num_examples
         if self.support_size is not None:
             return min(self.support_size, num_examples - 1)
+        if self.query_size is not None:
+            return int(np.clip(num_examples - self.query_size, 1, num_examples - 1))
         return int(np.clip(round(num_examples * self.support_fraction), 1, num_examples - 1))
 
 

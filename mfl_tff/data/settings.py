@@ -16,7 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Collection
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import numpy as np
+
+# A task's shots: one count for every client, or a range (lo, hi) each client draws its own from.
+Shots = Union[int, tuple[int, int]]
+# Observation noise: one standard deviation, or a range (lo, hi) each client draws its own from.
+Noise = Union[float, tuple[float, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +47,8 @@ class TaskSettings:
       clients_per_round: Training clients sampled each round.
       eval_adaptation_steps: Adaptation steps on each held-out client's support set; None: the
         same as `inner_steps` (adapt as in training).
-      shots: Support examples per client (per class for N-way tasks) the task was built with; None
+      shots: Support examples per client (per class for N-way tasks) the task was built with: a
+        count, or a range (lo, hi) from which each client draws its own (see `check_shots`); None
         for tasks without a shot count (those split each client's examples in half).
     """
 
@@ -53,7 +61,7 @@ class TaskSettings:
     alpha_granularity: str = "per_layer"
     clients_per_round: int = 25
     eval_adaptation_steps: Optional[int] = None
-    shots: Optional[int] = None
+    shots: Optional[Shots] = None
 
     def __post_init__(self):
         for name in ("inner_lr", "outer_lr"):
@@ -70,10 +78,21 @@ class TaskSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        for name in ("eval_adaptation_steps", "shots"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
+        value = self.eval_adaptation_steps
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(
+                f"eval_adaptation_steps must be None or an integer >= 1, got {value!r}."
+            )
+        if self.shots is not None:
+            try:
+                shots = check_shots(self.shots)
+            except ValueError:
+                shots = None
+            if shots != self.shots:
+                raise ValueError(
+                    "shots must be None, an integer >= 1 or a range (lo, hi) of integers with "
+                    f"1 <= lo < hi, got {self.shots!r}."
+                )
         for name in ("meta_optimizer", "alpha_granularity"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -112,11 +131,136 @@ class TaskSettings:
         for name, value in self.as_dict().items():
             if value is None:
                 continue
-            text = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(f"{name}={text}{'*' if name in explicit else ''}")
+            parts.append(f"{name}={format_range(value)}{'*' if name in explicit else ''}")
         return " ".join(parts)
 
 
 def names() -> list[str]:
     """The field names of `TaskSettings`, in definition order (each names the flag it fills)."""
     return [field.name for field in dataclasses.fields(TaskSettings)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_shots(shots: Any, name: str = "shots") -> Shots:
+    """`shots` as a task uses it: an integer >= 1, or a range (lo, hi) with 1 <= lo < hi.
+
+    A range with lo == hi is that one count, so `(5, 5)` builds exactly the clients of `5`.
+
+    Raises:
+      ValueError: One line naming `name` and the fix.
+    """
+    if _is_int(shots):
+        if shots < 1:
+            raise ValueError(f"{name} must be >= 1, got {shots}.")
+        return int(shots)
+    if not (isinstance(shots, (tuple, list)) and len(shots) == 2 and all(map(_is_int, shots))):
+        raise ValueError(
+            f"{name} must be an integer >= 1 or a range (lo, hi) of integers, got {shots!r}."
+        )
+    lo, hi = (int(v) for v in shots)
+    if min(lo, hi) < 1:
+        raise ValueError(f"{name} range ({lo}, {hi}) must have lo >= 1; raise lo to 1 or more.")
+    if lo > hi:
+        raise ValueError(f"{name} range ({lo}, {hi}) has lo > hi; pass ({hi}, {lo}).")
+    return lo if lo == hi else (lo, hi)
+
+
+def max_shots(shots: Shots) -> int:
+    """The largest count `shots` allows (what support batches are packed for)."""
+    return shots[1] if isinstance(shots, tuple) else shots
+
+
+def check_noise(noise: Any, name: str = "label_noise") -> Noise:
+    """`noise` as a task uses it: a standard deviation >= 0, or a range (lo, hi), 0 <= lo < hi.
+
+    A range with lo == hi is that one value.
+
+    Raises:
+      ValueError: One line naming `name` and the fix.
+    """
+    if _is_number(noise):
+        if not (math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {noise!r}.")
+        return float(noise)
+    if not (isinstance(noise, (tuple, list)) and len(noise) == 2 and all(map(_is_number, noise))):
+        raise ValueError(
+            f"{name} must be a number >= 0 or a range (lo, hi) of them, got {noise!r}."
+        )
+    lo, hi = (float(v) for v in noise)
+    if not (math.isfinite(lo) and math.isfinite(hi) and min(lo, hi) >= 0):
+        raise ValueError(f"{name} range ({lo:g}, {hi:g}) must be finite with lo >= 0.")
+    if lo > hi:
+        raise ValueError(f"{name} range ({lo:g}, {hi:g}) has lo > hi; pass ({hi:g}, {lo:g}).")
+    return lo if lo == hi else (lo, hi)
+
+
+def parse_range(text: str, kind: type = int) -> Union[int, float, tuple]:
+    """`N` or `LO:HI` (the command-line spelling of shots and noise ranges) as `kind` values.
+
+    Raises:
+      ValueError: If `text` is neither (the binaries put the flag's name in front).
+    """
+    parts = str(text).strip().split(":")
+    if len(parts) > 2 or not all(p.strip() for p in parts):
+        raise ValueError(f"{text!r} is not N or LO:HI")
+    try:
+        values = tuple(kind(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not N or LO:HI of {kind.__name__} values") from None
+    return values[0] if len(values) == 1 else values
+
+
+def parse_shots(text: str, flag: str = "--shots") -> Shots:
+    """A shots flag, `N` or `LO:HI` with 1 <= LO <= HI, as `check_shots` returns it.
+
+    Raises:
+      ValueError: One line naming `flag` and the fix.
+    """
+    try:
+        value = parse_range(text, int)
+    except ValueError:
+        raise ValueError(
+            f"{flag}={text} must be N or LO:HI (integers), e.g. {flag}=5 or {flag}=2:20."
+        ) from None
+    lo, hi = value if isinstance(value, tuple) else (value, value)
+    if min(lo, hi) < 1:
+        raise ValueError(f"{flag}={text} must be >= 1 (each client needs a support example).")
+    if lo > hi:
+        raise ValueError(f"{flag}={text} has LO > HI; pass {flag}={hi}:{lo}.")
+    return check_shots(value)
+
+
+def parse_noise(text: str, flag: str = "--label_noise") -> Noise:
+    """A noise flag, `S` or `LO:HI` with 0 <= LO <= HI, as `check_noise` returns it.
+
+    Raises:
+      ValueError: One line naming `flag` and the fix.
+    """
+    try:
+        value = parse_range(text, float)
+    except ValueError:
+        raise ValueError(
+            f"{flag}={text} must be S or LO:HI (numbers), e.g. {flag}=0.3 or {flag}=0:1."
+        ) from None
+    lo, hi = value if isinstance(value, tuple) else (value, value)
+    if not (math.isfinite(lo) and math.isfinite(hi) and min(lo, hi) >= 0):
+        raise ValueError(f"{flag}={text} must be finite and >= 0 (a standard deviation).")
+    if lo > hi:
+        raise ValueError(
+            f"{flag}={text} has LO > HI; pass {flag}={format_range(hi)}:{format_range(lo)}."
+        )
+    return check_noise(value)
+
+
+def format_range(value: Any) -> str:
+    """A value as the binaries spell it: `LO:HI` for a range, `%g` for a float, else `str`."""
+    if isinstance(value, tuple):
+        return ":".join(format_range(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
