@@ -9,13 +9,20 @@ each algorithm, and the per-client distribution after adaptation), and prints th
 Hyperparameter flags left unset take the task's settings (`task.settings`: the values its
 protocol uses); flags given explicitly win. The effective values are printed and written with
 the table.
+
+Computations run on a TFF worker started and stopped here, or with --execution=remote on
+workers already running (--worker=HOST:PORT, or several comma-separated that share each round's
+clients; see the README's "Running on a remote worker"). A worker that does not answer is one
+line and exit status 2 before training; one lost mid-run is one line and exit status 3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -31,7 +38,7 @@ from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.evaluation import summaries  # noqa: E402
 from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
-from mfl_tff.training import personalize, rounds, runtime  # noqa: E402
+from mfl_tff.training import multi_worker, personalize, rounds, runtime  # noqa: E402
 
 _TASK = flags.DEFINE_string("task", "digits_fewshot", "Task name.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["mfl", "fedavg"], "Algorithms to compare.")
@@ -44,20 +51,47 @@ _TARGET = flags.DEFINE_float(
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the initial model and sampling.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "output/compare", "Where the report is written.")
+_EXECUTION = flags.DEFINE_string(
+    "execution",
+    "local",
+    "Where computations run: local (a TFF worker_binary started and stopped here) or remote "
+    "(worker_binary(s) already running at --worker).",
+)
+_WORKER = flags.DEFINE_string(
+    "worker",
+    None,
+    "--execution=remote: HOST:PORT of a running TFF worker_binary --port=PORT, or several "
+    "comma-separated (HOST:PORT,HOST:PORT,...) that share each round's clients.",
+)
+_WORKER_TIMEOUT = flags.DEFINE_float(
+    "worker_timeout",
+    30.0,
+    "--execution=remote: seconds to wait for each worker to answer, at the start and whenever "
+    "the connection drops, before giving up with an error.",
+)
+# A worker lost mid-run (as experiments/train.py; this binary does not resume, rerun it).
+EXIT_WORKER_LOST = 3
 
 
 def _reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "accuracy" else value <= target
 
 
-def _train_and_track(name: str, task, settings: TaskSettings, target: float) -> dict:
-    """Trains one algorithm, evaluating on held-out clients every --rounds_per_eval rounds."""
+def _build(name: str, task, settings: TaskSettings, num_workers: int):
+    """Algorithm `name`'s process and spec; cohorts leave each worker its share of a round."""
     options = builders.AlgorithmOptions.from_settings(
         settings,
         **settings_flags.algorithm_flags(),
-        cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
+        cohort_size=multi_worker.cohort_size_for(
+            _COHORT.value, settings.clients_per_round, num_workers
+        ),
     )
-    process, spec = builders.build_algorithm(name, task, options)
+    return builders.build_algorithm(name, task, options)
+
+
+def _train_and_track(name: str, built, task, settings: TaskSettings, target: float) -> dict:
+    """Trains one algorithm, evaluating on held-out clients every --rounds_per_eval rounds."""
+    process, spec = built
     start, curve, last = time.time(), [], {}
 
     def evaluate(result: rounds.RoundResult) -> None:
@@ -150,6 +184,67 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _workers() -> list[str]:
+    """The --worker targets with --execution=remote (empty for local); bad flags exit 2."""
+    if _EXECUTION.value not in ("local", "remote"):
+        _fail(f"--execution={_EXECUTION.value!r} is not supported; choose one of: local, remote.")
+    if _EXECUTION.value == "local":
+        if flags.FLAGS["worker"].present:
+            _fail(
+                "--worker is only used with --execution=remote; add --execution=remote or drop it."
+            )
+        return []
+    if not _WORKER.value:
+        _fail(
+            "--execution=remote needs --worker=HOST:PORT, the address of a running worker_binary."
+        )
+    try:
+        targets = multi_worker.parse_targets(_WORKER.value)
+    except ValueError as e:
+        _fail(f"--worker={_WORKER.value}: {e} E.g. --worker=10.0.0.7:8000,10.0.0.8:8000.")
+    if not _WORKER_TIMEOUT.value > 0:
+        _fail(f"--worker_timeout must be > 0 seconds, got {_WORKER_TIMEOUT.value}.")
+    return targets
+
+
+def _check_workers(targets: list[str], built: dict) -> None:
+    """Fails before training if a worker does not answer or an algorithm cannot be split."""
+    if len(targets) > 1:
+        for name, (process, _) in built.items():
+            try:
+                multi_worker.check_mergeable(process.next)
+            except multi_worker.NotMergeableError:
+                _fail(
+                    f"--algorithms: {name}'s round aggregates twice, the second time on the result "
+                    "of the first, which cannot run on several workers yet; pass one --worker, or "
+                    f"drop {name} from --algorithms."
+                )
+    for target in targets:
+        try:
+            runtime.wait_for_worker(target, _WORKER_TIMEOUT.value)
+        except ConnectionError:
+            _fail(
+                f"--worker={_WORKER.value}: no TFF worker answered at {target} within "
+                f"{_WORKER_TIMEOUT.value:g} s; start one there (worker_binary "
+                f"--port={target.rpartition(':')[2]}) or fix --worker."
+            )
+
+
+@contextlib.contextmanager
+def _execution(targets: list[str]) -> Iterator[None]:
+    """TFF's runtime for the comparison: a worker started here, or the --worker ones."""
+    if not targets:
+        with runtime.local_execution(log_path=os.path.join(_OUTPUT_DIR.value, "worker.log")):
+            yield
+        return
+    # One worker keeps the single-worker path; several share each round's clients.
+    with runtime.remote_execution(
+        targets[0] if len(targets) == 1 else targets, timeout_s=_WORKER_TIMEOUT.value
+    ):
+        print(f"TFF worker(s) at {', '.join(targets)} (remote)", flush=True)
+        yield
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -162,6 +257,7 @@ def main(argv: list[str]) -> None:
     problem = settings_flags.check() or settings_flags.check_task(_TASK.value)
     if problem:
         _fail(problem)
+    targets = _workers()
     try:
         task = registry.get_task(
             _TASK.value,
@@ -192,11 +288,20 @@ def main(argv: list[str]) -> None:
     target = (
         _TARGET.value if _TARGET.value is not None else (0.9 if task.metric == "accuracy" else 0.5)
     )
+    built = {name: _build(name, task, settings, max(1, len(targets))) for name in _ALGORITHMS.value}
+    _check_workers(targets, built)
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     results = {}
-    with runtime.local_execution(log_path=os.path.join(_OUTPUT_DIR.value, "worker.log")):
-        for name in _ALGORITHMS.value:
-            results[name] = _train_and_track(name, task, settings, target)
+    try:
+        with _execution(targets):
+            for name in _ALGORITHMS.value:
+                results[name] = _train_and_track(name, built[name], task, settings, target)
+    except (ConnectionError, runtime.WorkerExitedError) as e:
+        sys.stderr.write(
+            f"The TFF worker was lost ({' '.join(str(e).split())}); once it runs again, rerun "
+            "the same command.\n"
+        )
+        sys.exit(EXIT_WORKER_LOST)
     table = _table(task, settings, results, target)
     with open(os.path.join(_OUTPUT_DIR.value, "comparison.md"), "w") as f:
         f.write(table)

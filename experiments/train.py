@@ -75,7 +75,7 @@ from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data import settings as settings_lib  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
-from mfl_tff.training import outputs, privacy, program, runtime  # noqa: E402
+from mfl_tff.training import multi_worker, outputs, privacy, program, runtime  # noqa: E402
 
 # --helpshort lists the flags of train_flags as this binary's own.
 flags.adopt_module_key_flags(cfg)
@@ -124,26 +124,52 @@ def _privacy_accountant(
 
 
 def _connect_remote_worker() -> None:
-    """With --execution=remote, fails before anything is written if no worker answers."""
-    if cfg.EXECUTION.value != "remote":
+    """With --execution=remote, fails before anything is written if a worker does not answer."""
+    targets = cfg.workers()
+    for target in targets:
+        try:
+            runtime.wait_for_worker(target, cfg.WORKER_TIMEOUT.value)
+        except ConnectionError:
+            port = target.rpartition(":")[2]
+            at = f" at {target}" if len(targets) > 1 else ""
+            raise cfg.UsageError(
+                f"--worker={cfg.WORKER.value}: no TFF worker answered{at} within "
+                f"{cfg.WORKER_TIMEOUT.value:g} s; start one on that host (worker_binary "
+                f"--port={port}, see the README's 'Running on a remote worker') or fix --worker."
+            ) from None
+
+
+def _check_several_workers(process: program.LearningProcess) -> None:
+    """With several --worker targets, refuses an algorithm whose round TFF cannot split."""
+    if len(cfg.workers()) < 2:
         return
     try:
-        runtime.wait_for_worker(cfg.WORKER.value, cfg.WORKER_TIMEOUT.value)
-    except ConnectionError:
-        port = cfg.WORKER.value.rpartition(":")[2]
+        multi_worker.check_mergeable(process.next)
+    except multi_worker.NotMergeableError:
         raise cfg.UsageError(
-            f"--worker={cfg.WORKER.value}: no TFF worker answered within "
-            f"{cfg.WORKER_TIMEOUT.value:g} s; start one on that host (worker_binary "
-            f"--port={port}, see the README's 'Running on a remote worker') or fix --worker."
+            f"--algorithm={cfg.ALGORITHM.value}: its round aggregates twice, the second time on "
+            "the result of the first, which cannot run on several workers yet; pass one --worker, "
+            "or use a one-phase algorithm such as meta_sgd or fedavg."
         ) from None
 
 
 @contextlib.contextmanager
 def _execution(paths: outputs.OutputPaths) -> Iterator[None]:
-    """TFF's execution context for the run: a worker started here, or the one at --worker."""
+    """TFF's execution context for the run: a worker started here, or the one(s) at --worker."""
     if cfg.EXECUTION.value == "remote":
-        with runtime.remote_execution(cfg.WORKER.value, timeout_s=cfg.WORKER_TIMEOUT.value):
-            print(f"TFF worker at {cfg.WORKER.value} (remote)", flush=True)
+        targets = cfg.workers()
+        # One worker keeps the single-worker path; several share each round's clients.
+        with runtime.remote_execution(
+            targets[0] if len(targets) == 1 else targets, timeout_s=cfg.WORKER_TIMEOUT.value
+        ):
+            if len(targets) == 1:
+                print(f"TFF worker at {targets[0]} (remote)", flush=True)
+            else:
+                print(
+                    f"TFF workers at {', '.join(targets)} (remote; each round's clients are "
+                    "shared between them)",
+                    flush=True,
+                )
             yield
         return
     with runtime.local_execution(log_path=paths.worker_log) as worker:
@@ -219,6 +245,7 @@ def _train() -> None:
         )
     accountant = _privacy_accountant(num_train, settings)
     process, spec = _build_algorithm(task, settings)
+    _check_several_workers(process)
     try:
         start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
     except program.CheckpointError as e:
@@ -287,8 +314,13 @@ def _train() -> None:
     except outputs.ProgramError as e:
         # A file of the experiment turned out unusable mid-run (e.g. a foreign metrics CSV).
         raise cfg.UsageError(str(e)) from None
+    except multi_worker.NotMergeableError as e:
+        # Checked before training for the round; reaching here means another computation.
+        raise cfg.UsageError(f"--worker={cfg.WORKER.value}: {_one_line(str(e))}") from None
     except (ConnectionError, runtime.WorkerExitedError) as e:
-        # The worker died or the network dropped mid-run: the saved rounds are intact.
+        # A worker died or the network dropped mid-run: the saved rounds are intact. With several
+        # workers the whole round fails (no partial aggregate), as TFF retries a slice only on
+        # its own worker.
         print(
             f"The TFF worker was lost ({_one_line(str(e))}); once it runs again, rerun the same "
             f"command to resume from {_resume_point(paths)}.",
@@ -371,6 +403,13 @@ def _build_algorithm(
         )
     except ValueError as e:
         raise cfg.UsageError(f"--aggregator={kind}: {e}") from None
+    # A cohort larger than a round only adds empty padding clients, and several workers share
+    # cohorts, so each gets at most its share of the round. Per-client aggregators (dp, robust)
+    # must see clients, not cohorts.
+    cohort_size = None
+    if not aggregators.per_client:
+        workers = max(1, len(cfg.workers()))
+        cohort_size = multi_worker.cohort_size_for(cfg.COHORT_SIZE.value, clients, workers)
     options = builders.AlgorithmOptions.from_settings(
         settings,
         server_optimizer=cfg.SERVER_OPTIMIZER.value or None,
@@ -381,9 +420,7 @@ def _build_algorithm(
         **cfg.algorithm_flags(),
         model_aggregator=aggregators.model,
         meta_aggregator=aggregators.meta,
-        # A cohort larger than a round only adds empty padding clients. Per-client aggregators
-        # (dp, robust) must see clients, not cohorts.
-        cohort_size=None if aggregators.per_client else min(cfg.COHORT_SIZE.value, clients) or None,
+        cohort_size=cohort_size,
     )
     try:
         return builders.build_algorithm(cfg.ALGORITHM.value, task, options)

@@ -20,7 +20,7 @@ from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.meta import hparams as meta_hparams
 from mfl_tff.meta import meta_model as meta_model_lib
-from mfl_tff.training import worker
+from mfl_tff.training import multi_worker, worker
 
 # Held-out clients evaluated when --num_eval_clients is not given: enough for a stable mean and
 # p10, and a 100-client evaluation costs about a second (digits_fewshot's 500 take several).
@@ -258,12 +258,15 @@ EXECUTION = flags.DEFINE_string(
     "worker_binary already running at --worker, e.g. on another machine).",
 )
 WORKER = flags.DEFINE_string(
-    "worker", None, "--execution=remote: HOST:PORT of a running TFF worker_binary --port=PORT."
+    "worker",
+    None,
+    "--execution=remote: HOST:PORT of a running TFF worker_binary --port=PORT, or several "
+    "comma-separated (HOST:PORT,HOST:PORT,...) that share each round's clients.",
 )
 WORKER_TIMEOUT = flags.DEFINE_float(
     "worker_timeout",
     30.0,
-    "--execution=remote: seconds to wait for the worker to answer, at the start and whenever "
+    "--execution=remote: seconds to wait for each worker to answer, at the start and whenever "
     "the connection drops, before giving up with an error.",
 )
 VERBOSE = flags.DEFINE_bool(
@@ -527,16 +530,46 @@ def check_execution_flags() -> None:
         bool(WORKER.value),
         "--execution=remote needs --worker=HOST:PORT, the address of a running TFF worker_binary.",
     )
-    try:
-        worker.check_target(WORKER.value)
-    except ValueError:
-        raise UsageError(
-            f"--worker={WORKER.value!r} must be HOST:PORT, e.g. --worker=10.0.0.7:8000."
-        ) from None
+    targets = WORKER.value.split(",")
+    if len(targets) == 1:
+        try:
+            worker.check_target(WORKER.value)
+        except ValueError:
+            raise UsageError(
+                f"--worker={WORKER.value!r} must be HOST:PORT, e.g. --worker=10.0.0.7:8000."
+            ) from None
+    else:
+        for target in targets:
+            try:
+                worker.check_target(target.strip())
+            except ValueError:
+                raise UsageError(
+                    f"--worker={WORKER.value}: {target.strip()!r} must be HOST:PORT, e.g. "
+                    "--worker=10.0.0.7:8000,10.0.0.8:8000."
+                ) from None
+        try:
+            multi_worker.parse_targets(WORKER.value)
+        except ValueError as e:
+            raise UsageError(f"--worker={WORKER.value}: {e}") from None
     require(
         WORKER_TIMEOUT.value > 0,
         f"--worker_timeout must be > 0 seconds, got {WORKER_TIMEOUT.value}.",
     )
+    # Several rounds in one call chain their aggregations, which TFF cannot split across workers.
+    require(
+        len(targets) == 1 or ROUNDS_PER_CALL.value == 1,
+        f"--rounds_per_call={ROUNDS_PER_CALL.value} chains rounds in one TFF call, which cannot "
+        "run on several workers; drop --rounds_per_call, or pass one --worker.",
+    )
+
+
+def workers() -> list[str]:
+    """The --worker targets with --execution=remote (checked flags); empty for local."""
+    if EXECUTION.value != "remote":
+        return []
+    if "," not in WORKER.value:
+        return [WORKER.value]  # One worker: used exactly as given, as before lists existed.
+    return multi_worker.parse_targets(WORKER.value)
 
 
 def experiment_name() -> str:

@@ -25,6 +25,7 @@ class CountingCompiler:
 @pytest.fixture
 def context():
     """A context like the runtime's, on a worker of our own; yields (compiler, executors)."""
+    before = set(runtime.live_worker_pids())  # background jobs may run workers of their own
     compiler = CountingCompiler()
     cache = computation_cache.CompilationCache(compiler, max_size=4)
     executors = []
@@ -51,7 +52,7 @@ def context():
                 yield compiler, executors
         finally:
             channel.close()
-    assert runtime.live_worker_pids() == []
+    assert set(runtime.live_worker_pids()) <= before
 
 
 def _add_one():
@@ -115,6 +116,7 @@ def test_eviction_keeps_results_right(context):
 
 
 def test_runtime_context_uses_the_cache():
+    before = set(runtime.live_worker_pids())
     with runtime.local_execution():
         add_one = _add_one()
         assert [float(add_one(np.float32(i))) for i in range(3)] == [1.0, 2.0, 3.0]
@@ -122,7 +124,7 @@ def test_runtime_context_uses_the_cache():
         executor = context.executor_factory.create_executor({})
         assert isinstance(executor, computation_cache.CachingRemoteExecutor)
         assert executor.computations_sent == 1
-    assert runtime.live_worker_pids() == []
+    assert set(runtime.live_worker_pids()) <= before
 
 
 class ClosedChannelStub:

@@ -41,6 +41,7 @@ def test_fedavg_trains_on_builtin_task_and_stops_its_worker(name, emnist_dir):
     task = registry.get_task(name, **options)
     clients = task.train_clients(task.train_data.client_ids[:NUM_CLIENTS])
     losses = []
+    before = set(runtime.live_worker_pids())  # background jobs may run workers of their own
     with runtime.local_execution():
         process = fedavg.build_fedavg(
             task.model_fn, task.client_data_type(), client_learning_rate=learning_rate
@@ -52,7 +53,7 @@ def test_fedavg_trains_on_builtin_task_and_stops_its_worker(name, emnist_dir):
             losses.append(float(output.metrics["client_work"]["train_loss"]))
             assert output.metrics["client_work"]["num_clients"] == NUM_CLIENTS
             assert output.metrics["client_work"]["num_clients_rejected"] == 0
-    assert runtime.live_worker_pids() == []
+    assert set(runtime.live_worker_pids()) <= before
     print(f"{name} train loss by round: {np.round(losses, 3)}")
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses

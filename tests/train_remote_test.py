@@ -1,20 +1,24 @@
 """experiments/train.py with --execution=remote: TFF's worker_binary started separately.
 
-The worker here is TFF's own binary on a free loopback port, started as another host's operator
-would start it (`worker_binary --port=N`, from a shell: `testing.operator_worker`).
-The training binary must compute exactly what a local run computes, must not start or stop a worker
-of its own, and must turn a worker that dies mid-run into one clear line and a non-zero exit
-within a bounded time, with the rounds saved so far intact.
+The workers here are TFF's own binary on free loopback ports, started as another host's operator
+would start them (`worker_binary --port=N`, from a shell: `testing.operator_worker`).
+The training binary must compute what a local run computes, on one worker or several sharing each
+round's clients, must not start or stop a worker of its own, and must turn a worker that dies
+mid-run into one clear line and a non-zero exit within a bounded time, with the rounds saved so
+far intact. What cannot run on several workers is refused before anything is written.
 
-Both scenarios are jobs that conftest.py starts early (each is a subprocess that mostly waits);
+All scenarios are jobs that conftest.py starts early (each is a subprocess that mostly waits);
 the tests check what they observed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import pathlib
 import signal
 import subprocess
+from typing import Optional
 
 import pytest
 
@@ -28,22 +32,37 @@ WORKER_TIMEOUT_S = 3
 EXIT_BOUND_S = 120
 
 
-def _remote_run(scratch: pathlib.Path) -> dict:
-    """A 3-round tiny run on a worker started here; the worker's state afterwards."""
-    with testing.operator_worker(log_path=scratch / "worker.log") as service:
+@contextlib.contextmanager
+def _operator_workers(count: int, log_path: Optional[pathlib.Path] = None):
+    """`count` operator workers (`testing.operator_worker`), stopped afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(testing.operator_worker(log_path)) for _ in range(count)]
+
+
+def _remote_run(scratch: pathlib.Path, num_workers: int = 1) -> dict:
+    """A 3-round tiny run on workers started here; the workers' state afterwards."""
+    with _operator_workers(num_workers, log_path=scratch / "worker.log") as services:
+        targets = [service.target for service in services]
         completed = testing.run_binary(
             "train",
             *testing.tiny_flags(ROUNDS),
             f"--root_output_dir={scratch}",
             "--execution=remote",
-            f"--worker={service.target}",
+            f"--worker={','.join(targets)}",
         )
-        still_running = service.running
-    return dict(root=scratch, run=completed, target=service.target, still_running=still_running)
+        still_running = all(service.running for service in services)
+    return dict(
+        root=scratch,
+        run=completed,
+        target=targets[0],
+        targets=targets,
+        still_running=still_running,
+    )
 
 
-def _worker_dies(scratch: pathlib.Path) -> dict:
-    """A long run whose remote worker is killed once round 1 is saved: how the binary ended."""
+def _worker_dies(scratch: pathlib.Path, num_workers: int = 1) -> dict:
+    """A long run whose (last) remote worker is killed once round 1 is saved: how the binary
+    ended."""
     flags = (
         *testing.tiny_flags(500),
         f"--root_output_dir={scratch}",
@@ -51,15 +70,14 @@ def _worker_dies(scratch: pathlib.Path) -> dict:
         f"--worker_timeout={WORKER_TIMEOUT_S}",
     )
     checkpoints = scratch / "checkpoints" / EXPERIMENT
-    with testing.operator_worker() as service:
+    with _operator_workers(num_workers) as services:
+        targets = ",".join(service.target for service in services)
         with open(scratch / "stdout.txt", "w") as stdout:
-            process = testing.start_binary(
-                "train", *flags, f"--worker={service.target}", stdout=stdout
-            )
+            process = testing.start_binary("train", *flags, f"--worker={targets}", stdout=stdout)
             workers = testing.OwnWorkers(process.pid)
             try:
                 testing.wait_for_path(checkpoints / "program_state_1", process, workers)
-                service.process.send_signal(signal.SIGKILL)
+                services[-1].process.send_signal(signal.SIGKILL)
                 try:
                     _, stderr = process.communicate(timeout=EXIT_BOUND_S)
                 except subprocess.TimeoutExpired:
@@ -72,10 +90,43 @@ def _worker_dies(scratch: pathlib.Path) -> dict:
         stderr=stderr,
         own_workers=dict(workers.workers),
         saved=testing.saved_rounds(checkpoints),
+        killed=services[-1].target,
     )
 
 
-BACKGROUND_JOBS = {"remote": {"run": _remote_run}, "worker_dies": {"run": _worker_dies}}
+def _refused(scratch: pathlib.Path) -> dict:
+    """Runs on several workers that must be refused before anything is written."""
+    root = scratch / "out"
+    runs = {}
+    # mfl's round aggregates twice: refused before any worker is contacted (none runs here).
+    runs["mfl"] = testing.run_binary(
+        "train",
+        *testing.tiny_flags(ROUNDS),
+        "--algorithm=mfl",
+        f"--root_output_dir={root}",
+        "--execution=remote",
+        "--worker=localhost:1,localhost:2",
+    )
+    # The first worker answers, the second does not: the error names the second.
+    with testing.operator_worker() as service:
+        runs["silent_second"] = testing.run_binary(
+            "train",
+            *testing.tiny_flags(ROUNDS),
+            f"--root_output_dir={root}",
+            "--execution=remote",
+            f"--worker={service.target},localhost:1",
+            "--worker_timeout=2",
+        )
+    return dict(root=root, runs=runs)
+
+
+BACKGROUND_JOBS = {
+    "remote": {"run": _remote_run},
+    "worker_dies": {"run": _worker_dies},
+    "two_workers": {"run": functools.partial(_remote_run, num_workers=2)},
+    "one_of_two_dies": {"run": functools.partial(_worker_dies, num_workers=2)},
+    "refused": {"run": _refused},
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +137,21 @@ def remote(background):
 @pytest.fixture(scope="module")
 def worker_dies(background):
     return background.results(__name__, "worker_dies")["run"]
+
+
+@pytest.fixture(scope="module")
+def two_workers(background):
+    return background.results(__name__, "two_workers")["run"]
+
+
+@pytest.fixture(scope="module")
+def one_of_two_dies(background):
+    return background.results(__name__, "one_of_two_dies")["run"]
+
+
+@pytest.fixture(scope="module")
+def refused(background):
+    return background.results(__name__, "refused")["run"]
 
 
 def test_remote_run_equals_local_run_and_leaves_the_worker_to_its_owner(remote, train_reference):
@@ -129,3 +195,51 @@ def test_worker_dying_mid_run_is_one_line_and_a_bounded_exit(worker_dies):
     assert last.endswith(f"rerun the same command to resume from round {saved}."), stderr
     # The saved rounds are intact: a later run resumes from them.
     assert testing.checkpoint_tensors(worker_dies["root"], EXPERIMENT, saved)
+
+
+def test_two_workers_equal_local_run_and_leave_the_workers_to_their_owner(
+    two_workers, train_reference
+):
+    completed = two_workers["run"]
+    assert completed.returncode == 0, completed.stderr
+    assert two_workers["still_running"]
+    assert not completed.workers.workers
+    assert f"TFF workers at {', '.join(two_workers['targets'])} (remote;" in completed.stdout
+    root, (local_root, _) = two_workers["root"], train_reference
+    got = testing.checkpoint_tensors(root, EXPERIMENT, ROUNDS)
+    want = testing.checkpoint_tensors(local_root, EXPERIMENT, ROUNDS)
+    assert got.keys() == want.keys() and got
+    worst = testing.max_abs_diff(got, want)
+    print(f"max |two workers - local| over the final state: {worst:.3g}")
+    # Partial sums are added in another order (and cohorts are split between the workers).
+    assert worst <= 1e-6, f"two-worker and local final states differ by {worst}"
+
+
+def test_one_of_two_workers_dying_is_one_line_naming_it_and_exit_3(one_of_two_dies):
+    stderr = one_of_two_dies["stderr"]
+    assert one_of_two_dies["returncode"] == 3, stderr
+    assert "Traceback" not in stderr, stderr
+    assert not one_of_two_dies["own_workers"]
+    last = testing.last_line(stderr)
+    saved = one_of_two_dies["saved"][-1]
+    assert last.startswith("The TFF worker was lost (No TFF worker answered at "), stderr
+    assert one_of_two_dies["killed"] in last, stderr
+    assert last.endswith(f"rerun the same command to resume from round {saved}."), stderr
+    assert testing.checkpoint_tensors(one_of_two_dies["root"], EXPERIMENT, saved)
+
+
+def _assert_refused(run, expected: str) -> None:
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], run.stderr
+
+
+def test_what_cannot_run_on_several_workers_is_refused_before_writing(refused):
+    _assert_refused(
+        refused["runs"]["mfl"],
+        "--algorithm=mfl: its round aggregates twice, the second time on the result of the "
+        "first, which cannot run on several workers yet; pass one --worker",
+    )
+    _assert_refused(refused["runs"]["silent_second"], "no TFF worker answered at localhost:1")
+    assert not refused["root"].exists()

@@ -11,6 +11,9 @@ TFF's default runtime (`tff.backends.native.set_sync_local_cpp_execution_context
 * `remote_execution(target, timeout_s=...)` uses a worker that somebody else runs (for example
   `worker_binary --port=N` on another host) through the same code path, and fails fast with a
   `ConnectionError` if nothing answers, at the start or when the worker dies mid-run.
+* `remote_execution([target, target, ...], timeout_s=...)` shares each round's clients between
+  several such workers, each with that same stack (`mfl_tff.training.multi_worker` says what can
+  run that way and what cannot).
 
 Typical use::
 
@@ -27,13 +30,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Optional
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Optional, Union
 
 import grpc
 import tensorflow_federated as tff
 
-from mfl_tff.training import computation_cache
+from mfl_tff.training import computation_cache, multi_worker
 from mfl_tff.training.worker import (  # noqa: F401  (re-exported: the runtime's public API)
     GRPC_CHANNEL_OPTIONS,
     WORKER_BINARY_NAME,
@@ -51,6 +55,7 @@ from mfl_tff.training.worker import (  # noqa: F401  (re-exported: the runtime's
 __all__ = [
     "WorkerService",
     "create_execution_context",
+    "create_multi_worker_context",
     "live_worker_pids",
     "local_execution",
     "remote_execution",
@@ -60,14 +65,15 @@ __all__ = [
 ]
 
 
-def _build_context(
+def _executor_factory(
     target: str,
+    compilations: computation_cache.CompilationCache,
     *,
     default_num_clients: int,
     connect_timeout_s: float,
     check_alive: Optional[Callable[[], None]] = None,
-) -> tuple[tff.framework.SyncExecutionContext, grpc.Channel]:
-    """Builds the context of `create_execution_context` and returns it with its channel."""
+) -> tuple[tff.framework.ResourceManagingExecutorFactory, grpc.Channel]:
+    """TFF's executor factory for the worker at `target`, and the gRPC channel it uses."""
     check_target(target)
     channel = grpc.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
     stub = tff.framework.RemoteExecutorGrpcStub(channel)
@@ -90,13 +96,31 @@ def _build_context(
         executor.set_cardinalities(cardinalities)
         return executor
 
+    return tff.framework.ResourceManagingExecutorFactory(stack_fn), channel
+
+
+def _build_context(
+    target: str,
+    *,
+    default_num_clients: int,
+    connect_timeout_s: float,
+    check_alive: Optional[Callable[[], None]] = None,
+) -> tuple[tff.framework.SyncExecutionContext, grpc.Channel]:
+    """Builds the context of `create_execution_context` and returns it with its channel."""
     # TFF's native compiler runs in the executors, once per computation, and each computation is
     # sent to the worker once (`mfl_tff.training.computation_cache`; TFF resends it every call).
     compilations = computation_cache.CompilationCache(
         tff.backends.native.desugar_and_transform_to_native
     )
+    factory, channel = _executor_factory(
+        target,
+        compilations,
+        default_num_clients=default_num_clients,
+        connect_timeout_s=connect_timeout_s,
+        check_alive=check_alive,
+    )
     context = tff.framework.SyncExecutionContext(
-        executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
+        executor_fn=factory,
         compiler_fn=None,
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result,
@@ -129,6 +153,48 @@ def create_execution_context(
         target, default_num_clients=default_num_clients, connect_timeout_s=connect_timeout_s
     )
     return context
+
+
+class _SharedCompilations(computation_cache.CompilationCache):
+    """A `CompilationCache` that the workers' threads of a `MultiWorkerContext` share safely."""
+
+    def __init__(self) -> None:
+        super().__init__(tff.backends.native.desugar_and_transform_to_native)
+        self._lock = threading.Lock()
+
+    def compile(self, comp: tff.Computation) -> tff.Computation:
+        with self._lock:
+            return super().compile(comp)
+
+
+def create_multi_worker_context(
+    targets: Sequence[str], *, default_num_clients: int = 0, connect_timeout_s: float = 60.0
+) -> multi_worker.MultiWorkerContext:
+    """Returns a TFF context that shares each computation's clients between several workers.
+
+    Each worker gets the stack of `create_execution_context`; `multi_worker.MultiWorkerContext`
+    says which computations run on all workers and which on the first one. Creating the context
+    does not connect. Close it with `close()` once it is no longer installed.
+
+    Args:
+        targets: gRPC targets of two or more running `worker_binary`s, "HOST:PORT" each.
+        default_num_clients: See `create_execution_context`.
+        connect_timeout_s: See `create_execution_context` (per worker).
+
+    Raises:
+        ValueError: Naming a target that is not "HOST:PORT", or one listed twice.
+    """
+    # One cache for all workers: each computation is compiled once, and sent once per worker.
+    compilations = _SharedCompilations()
+    return multi_worker.MultiWorkerContext(
+        targets,
+        lambda target: _executor_factory(
+            target,
+            compilations,
+            default_num_clients=default_num_clients,
+            connect_timeout_s=connect_timeout_s,
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -175,35 +241,58 @@ def local_execution(
 
 @contextlib.contextmanager
 def remote_execution(
-    target: str, *, timeout_s: float, default_num_clients: int = 0
-) -> Iterator[tff.framework.SyncExecutionContext]:
-    """Runs the TFF computations of the block on an already running worker at `target`.
+    target: Union[str, Sequence[str]], *, timeout_s: float, default_num_clients: int = 0
+) -> Iterator[tff.framework.SyncContext]:
+    """Runs the TFF computations of the block on already running workers.
 
-    The worker is neither started nor stopped here (start it with `worker_binary --port=N`, or a
-    `WorkerService`). Note that `worker_binary` listens on all interfaces without
+    The workers are neither started nor stopped here (start each with `worker_binary --port=N`,
+    or a `WorkerService`). Note that `worker_binary` listens on all interfaces without
     authentication: only expose it on a trusted network.
 
+    With one target (a string, or a sequence of one), every computation runs on that worker.
+    With several, each round's clients are shared between them (`mfl_tff.training.multi_worker`):
+    computations taking clients run on all workers when they compile to TFF's
+    `MergeableCompForm`, and raise `multi_worker.NotMergeableError` when they do not (a round
+    with two dependent aggregations, such as mfl's); the others run on the first worker.
+
     Args:
-        target: gRPC target of the worker, "HOST:PORT".
-        timeout_s: How long to wait for the worker to answer, on entry and whenever a computation
-            needs a new connection.
+        target: gRPC target of the worker, "HOST:PORT", or a sequence of such targets.
+        timeout_s: How long to wait for each worker to answer, on entry and whenever a
+            computation needs a new connection.
         default_num_clients: See `create_execution_context`.
 
     Yields:
-        The installed execution context.
+        The installed execution context (a `multi_worker.MultiWorkerContext` for several
+        workers).
 
     Raises:
-        ConnectionError: If nothing answers gRPC at `target` within `timeout_s`.
+        ValueError: Naming a target that is not "HOST:PORT", or one listed twice.
+        ConnectionError: Naming the first target where nothing answers gRPC within `timeout_s`.
     """
-    wait_for_worker(target, timeout_s)
-    context, channel = _build_context(
-        target, default_num_clients=default_num_clients, connect_timeout_s=timeout_s
+    targets = [target] if isinstance(target, str) else multi_worker.parse_targets(target)
+    if len(targets) == 1:
+        # One worker: exactly the single-worker path, as for a plain string.
+        (target,) = targets
+        wait_for_worker(target, timeout_s)
+        context, channel = _build_context(
+            target, default_num_clients=default_num_clients, connect_timeout_s=timeout_s
+        )
+        try:
+            with tff.framework.get_context_stack().install(context):
+                yield context
+        finally:
+            channel.close()
+        return
+    for each in targets:
+        wait_for_worker(each, timeout_s)
+    context = create_multi_worker_context(
+        targets, default_num_clients=default_num_clients, connect_timeout_s=timeout_s
     )
     try:
         with tff.framework.get_context_stack().install(context):
             yield context
     finally:
-        channel.close()
+        context.close()
 
 
 def _release_tff_default_context() -> None:
