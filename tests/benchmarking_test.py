@@ -10,7 +10,7 @@ import pytest
 
 from experiments import benchmarking as bm
 from mfl_tff.algorithms import builders
-from mfl_tff.data import digits, packing, sinusoid
+from mfl_tff.data import digits, packing
 from tests import testing
 
 CLIENTS = 3
@@ -55,18 +55,6 @@ def test_floor_round_equals_our_process(task, rounds, name, options):
     assert testing.max_abs_diff(floor.weights(), initial) > 1e-3  # it trained
     assert testing.max_abs_diff(floor.weights(), ours) <= TOLERANCE
     floor.close()
-
-
-def test_xla_floor_trains_meta_sgd():
-    task = sinusoid.build_sinusoid(num_train_clients=10, num_eval_clients=1)
-    options = builders.AlgorithmOptions(inner_lr=0.01, alpha_granularity="per_coordinate")
-    xla = bm.XLAFloor("meta_sgd", task, options, 5)
-    initial = xla.weights()
-    for _ in range(3):
-        xla.run_round()
-    assert testing.max_abs_diff(xla.weights(), initial) > 1e-3
-    assert all(np.all(np.isfinite(w)) for w in xla.weights())
-    xla.close()
 
 
 def test_floor_names_the_choices_for_an_unknown_algorithm(task, rounds):

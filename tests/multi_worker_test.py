@@ -157,12 +157,6 @@ def test_dependent_aggregations_are_refused_not_run_on_one_worker(workers, built
         assert context.calls_per_worker[targets[1]] == 0
 
 
-def test_mfl_two_phase_round_is_refused(task):
-    process, _ = builders.build_algorithm("mfl", task)
-    with pytest.raises(multi_worker.NotMergeableError, match="cannot be split"):
-        multi_worker.check_mergeable(process.next)
-
-
 def test_meta_sgd_round_compiles_to_mergeable_form(built):
     multi_worker.check_mergeable(built["meta_sgd"][0].next)
 
