@@ -148,6 +148,26 @@ def test_run_saves_checkpoints_and_writes_the_report(uninterrupted, built):
     assert list(pathlib.Path(paths.logdir).glob("events.out.tfevents.*"))
 
 
+def test_run_releases_bytes_per_round_and_cumulative_and_reports_them(uninterrupted, task):
+    paths, report, _ = uninterrupted
+    # Closed form: a float32 per model parameter each way, plus the weight of the mean on upload.
+    params = sum(np.size(w) for w in task.model_fn().initial_weights[0])
+    rows = _rows(paths.metrics_csv)
+    for round_num, row in enumerate(rows, start=1):
+        assert int(row["communication/download_bytes_per_client"]) == 4 * params
+        assert int(row["communication/upload_model_bytes_per_client"]) == 4 * params + 4
+        upload = int(row["communication/upload_bytes_per_client"])
+        assert int(row["communication/round_upload_bytes"]) == CLIENTS_PER_ROUND * upload
+        assert int(row["communication/cumulative_upload_bytes"]) == (
+            round_num * CLIENTS_PER_ROUND * upload
+        )
+    with open(paths.personalization_json) as f:
+        written = json.load(f)["communication"]
+    assert written["bytes_per_client_per_round"]["download"] == 4 * params
+    assert written["cumulative_bytes"]["upload"] == 3 * CLIENTS_PER_ROUND * upload
+    assert report["communication"]["rounds"] == 3
+
+
 def test_run_logs_one_progress_line_per_round(uninterrupted):
     _, _, lines = uninterrupted
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]

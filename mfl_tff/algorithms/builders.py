@@ -5,13 +5,15 @@ Binaries, the quality benchmark and users pick algorithms by name:
     process, spec = builders.build_algorithm("mfl", task, AlgorithmOptions(inner_steps=5))
 
 `spec.learns_alpha` says whether `process.get_hparams(state)["alpha"]` holds learned rates (used by
-personalization evaluation), `spec.eval_steps` the step count the algorithm was trained for.
+personalization evaluation), `spec.eval_steps` the step count the algorithm was trained for,
+and `communication.measure(process, spec.stream_aggregators)` its bytes per client per round.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -46,6 +48,8 @@ class AlgorithmSpec:
     eval_steps: int
     cohort_size: Optional[int] = None
     inner_loop: Optional[meta_model.InnerLoop] = None
+    # {stream: (aggregation process, times per round)}: what `communication.measure` counts.
+    stream_aggregators: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def client_values(self, clients: list) -> list:
         """What `process.next` takes for these packed clients (cohorts when enabled)."""
@@ -65,13 +69,16 @@ def build_algorithm(
     """
     record = catalog.get(name)
     options = options or AlgorithmOptions()
-    process = composer.compose(record, task.model_fn, task.client_data_type(), options)
+    process, stream_aggregators = composer.compose_with_streams(
+        record, task.model_fn, task.client_data_type(), options
+    )
     spec = AlgorithmSpec(
         name=name,
         learns_alpha=record.learns_meta,
         eval_steps=options.inner_steps,
         cohort_size=options.cohort_size,
         inner_loop=options.inner_loop() if record.learns_meta else None,
+        stream_aggregators=stream_aggregators,
     )
     return process, spec
 

@@ -195,6 +195,19 @@ def compose(
 ) -> tff.learning.templates.LearningProcess:
     """Builds `algorithm` as a LearningProcess over packed clients of `client_data_type`.
 
+    The same as `compose_with_streams(...)[0]`; its arguments, result and errors are those.
+    """
+    return compose_with_streams(algorithm, model_fn, client_data_type, options)[0]
+
+
+def compose_with_streams(
+    algorithm: Algorithm,
+    model_fn,
+    client_data_type: tff.Type,
+    options: Optional[AlgorithmOptions] = None,
+) -> tuple[tff.learning.templates.LearningProcess, dict]:
+    """Builds `algorithm` as a LearningProcess, and says how it aggregates each stream.
+
     Args:
       algorithm: The record (`mfl_tff.algorithms.catalog.get(name)`).
       model_fn: No-argument callable returning a `tff.learning.models.FunctionalModel` (its own
@@ -203,7 +216,10 @@ def compose(
       options: `AlgorithmOptions` (None: the defaults).
 
     Returns:
-      A `tff.learning.templates.LearningProcess`. `get_hparams(state)` is
+      `(process, stream_aggregators)`: a `tff.learning.templates.LearningProcess`, and
+      `{stream: (aggregation process, times aggregated per round)}` for its streams ('model',
+      and 'meta' for algorithms that learn meta-parameters), what
+      `mfl_tff.algorithms.communication.measure` counts by stream. `get_hparams(state)` is
       `OrderedDict(alpha=...)` for algorithms that learn rates, `OrderedDict(alpha=...,
       meta_model=...)` with a meta-model (`set_hparams` writes it), else the model
       optimizer's hyperparameters `OrderedDict(finalizer=...)`.
@@ -396,7 +412,7 @@ def compose(
                 ),
             )
 
-    return tff.learning.templates.LearningProcess(
+    process = tff.learning.templates.LearningProcess(
         init_fn,
         next_fn,
         get_model_weights,
@@ -404,3 +420,8 @@ def compose(
         get_hparams_fn=get_hparams,
         set_hparams_fn=set_hparams,
     )
+    stream_aggregators = {
+        stream: (aggregator, sum(stream in phase.streams for phase in phases))
+        for stream, aggregator in aggregators.items()
+    }
+    return process, stream_aggregators

@@ -5,13 +5,16 @@ Files (paths in `mfl_tff.training.outputs.OutputPaths`):
 * `ROOT/results/E/experiment.metrics.csv`: key `round_num`, one column per flattened metric, plus
   held-out personalization columns on evaluation rounds, `clients/{sampled,dropped,empty,
   rejected,zeroed}` (`client_counts`; a round that drops clients also logs a `note:` line saying
-  why) and, with a privacy accountant, `privacy/{epsilon,delta}`. Written by
+  why), `communication/...` (bytes per client per round by stream, the round's and the run's
+  cumulative bytes: `mfl_tff.algorithms.communication`) and, with a privacy accountant,
+  `privacy/{epsilon,delta}`. Written by
   `mfl_tff.training.metrics_release.MetricsReleaseManager`, which appends rows.
 * `ROOT/logdir/E/`: the same values as TensorBoard summaries (the same manager).
 * `ROOT/checkpoints/E/program_state_R`: `(round_num, state)` after round R, one `.npz` file
   (`mfl_tff.training.state_manager.ArrayProgramStateManager`).
 * `ROOT/results/E/personalization.json`: the final held-out evaluation
-  (`mfl_tff.training.personalize.evaluate`).
+  (`mfl_tff.training.personalize.evaluate`), with a `communication` entry (bytes per client per
+  round, cumulative bytes).
 
 Cost per round. Metrics rows are buffered and written every `rounds_per_log` rounds (and on
 evaluation, checkpoint and last rounds) by appending, so writing does not grow with the rows
@@ -47,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.algorithms import builders
+from mfl_tff.algorithms import builders, communication
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.training import metrics_release, outputs, personalize, rounds, state_manager
 from mfl_tff.training import privacy as privacy_lib
@@ -283,6 +286,7 @@ def run_training(
         paths.metrics_csv, paths.logdir, key_fieldname=ROUND_KEY, keep_keys_up_to=start_round
     )
     checkpoints = _state_manager(paths.checkpoint_dir, config.checkpoints_to_keep)
+    cost = communication.measure(process, spec.stream_aggregators)
     total = config.total_rounds
     report = None
     progress = Progress(config, start_round, log)
@@ -303,6 +307,9 @@ def run_training(
         released = collections.OrderedDict(result.metrics)
         counts = client_counts(flat, len(result.client_ids))
         released["clients"] = counts
+        released["communication"] = cost.round_metrics(
+            clients=len(result.client_ids), round_num=round_num
+        )
         epsilon = None
         if accountant is not None:
             epsilon = accountant.epsilon(round_num)
@@ -350,6 +357,7 @@ def run_training(
         # Nothing left to train (the checkpoint is at or past `total_rounds`): evaluate it.
         report = evaluate(process, state, spec, task, config, start_round)
         log(f"round {start_round}: already trained; {evaluation_line(report)}")
+    report["communication"] = cost.report(clients=config.clients_per_round, rounds=report["rounds"])
     if accountant is not None:
         report["privacy"] = accountant.report(report["rounds"])
     outputs.write_json(paths.personalization_json, report)
