@@ -13,7 +13,9 @@ For one task and one number of clients per round, in one process and one TFF run
   linear fit (fixed cost + cost per client);
 * memory: resident memory of this process (the driver) and of TFF's worker process over
   --memory_rounds rounds, and its growth per 100 rounds after the first 20;
-* time to first round: building the process (tracing) plus its first round (compilation).
+* time to first round: building the process (tracing) plus its first round (compilation);
+* several workers: round time, bytes the driver sends and CPU per worker with 1 and 2 loopback
+  workers at --workers_clients clients per round (`experiments.worker_scaling`).
 
 Round data is sampled, packed and stacked exactly as the training program feeds it, before any
 timing (its cost per round is reported as `data_prep_s_per_round`). Writes --output (JSON) and
@@ -37,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import benchmarking as bm  # noqa: E402
-from experiments import end_to_end  # noqa: E402
+from experiments import end_to_end, worker_scaling  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.training import runtime  # noqa: E402
@@ -103,6 +105,16 @@ _END_TO_END_FLAGS = flags.DEFINE_list(
     "end_to_end_flags", [], "Extra flags of the timed training runs, e.g. --rounds_per_call=10."
 )
 
+_WORKERS_CLIENTS = flags.DEFINE_list(
+    "workers_clients",
+    ["20", "100"],
+    "Clients per round of the several-workers section (digits_fewshot, 1 and 2 loopback "
+    "workers); empty: skip.",
+)
+_WORKERS_ALGORITHMS = flags.DEFINE_list(
+    "workers_algorithms", ["fedavg", "mfl"], "Algorithms of the several-workers section."
+)
+
 QUICK = dict(
     clients_per_round=4,
     num_train_clients=8,
@@ -116,6 +128,7 @@ QUICK = dict(
     memory_algorithms=["fedavg"],
     memory_every=5,
     end_to_end=[],
+    workers_clients=[],
 )
 
 
@@ -370,6 +383,7 @@ def run() -> dict:
         memory=memory,
     )
     report["end_to_end"] = _end_to_end()
+    report["workers"] = _workers()
     report["targets"] = bm.targets(report)
     return report
 
@@ -402,6 +416,15 @@ def _end_to_end() -> dict:
     return results
 
 
+def _workers() -> list:
+    """Round time, driver bytes and CPU per worker with 1 and 2 loopback workers."""
+    if not _WORKERS_CLIENTS.value:
+        return []
+    task = registry.get_task("digits_fewshot", seed=_SEED.value)
+    clients = [int(n) for n in _WORKERS_CLIENTS.value]
+    return worker_scaling.run(task, _WORKERS_ALGORITHMS.value, clients)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -415,6 +438,8 @@ def main(argv: list[str]) -> None:
     with open(_OUTPUT.value, "w") as f:
         json.dump(report, f, indent=1)
     print("\n" + bm.format_report(report))
+    if report["workers"]:
+        print(worker_scaling.format_rows(report["workers"]) + "\n")
     print(f"Wrote {_OUTPUT.value} ({report['benchmark_wall_s']:.0f} s)")
 
 

@@ -1,8 +1,9 @@
 r"""Compares algorithms on one task with the same seed and budget, in one process and one runtime.
 
 Writes OUTPUT_DIR/comparison.md (algorithm, rounds, before/after-adaptation mean and p10, rounds to
---target, wall time) and OUTPUT_DIR/comparison.png (held-out personalized metric against round for
-each algorithm, and the per-client distribution after adaptation), and prints the table.
+--target, MB uploaded to reach it and MB per client per round, wall time) and
+OUTPUT_DIR/comparison.png (held-out personalized metric against round for each algorithm, and the
+per-client distribution after adaptation), and prints the table.
 
   python -m experiments.compare --task=digits_fewshot --algorithms=mfl,fedavg --total_rounds=100
 
@@ -14,6 +15,12 @@ Computations run on a TFF worker started and stopped here, or with --execution=r
 workers already running (--worker=HOST:PORT, or several comma-separated that share each round's
 clients; see the README's "Running on a remote worker"). A worker that does not answer is one
 line and exit status 2 before training; one lost mid-run is one line and exit status 3.
+
+--aggregator (experiments/aggregator_flags.py) sets how every algorithm aggregates: mean,
+compressed, secure, robust or dp (with --noise_multiplier; no epsilon is reported here, so
+--dp_delta is refused). The per-client kinds turn the default --cohort_size off; an explicit
+non-zero one is an error. --aggregator=secure runs on one worker with secure sums simulated as
+plain sums.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ matplotlib.use("Agg")  # no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from experiments import settings_flags  # noqa: E402
-from mfl_tff.algorithms import builders  # noqa: E402
+from experiments import aggregator_flags, settings_flags  # noqa: E402
+from mfl_tff.algorithms import builders, communication  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.evaluation import summaries  # noqa: E402
@@ -72,18 +79,27 @@ _WORKER_TIMEOUT = flags.DEFINE_float(
 # A worker lost mid-run (as experiments/train.py; this binary does not resume, rerun it).
 EXIT_WORKER_LOST = 3
 
+# --helpshort lists the --aggregator flags as this binary's own.
+flags.adopt_module_key_flags(aggregator_flags)
+
 
 def _reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "accuracy" else value <= target
 
 
 def _build(name: str, task, settings: TaskSettings, num_workers: int):
-    """Algorithm `name`'s process and spec; cohorts leave each worker its share of a round."""
+    """Algorithm `name`'s process and spec, with --aggregator's factories; cohorts (off with a
+    per-client aggregator) leave each worker its share of a round."""
+    aggregators = aggregator_flags.build(
+        learns_alpha=name in builders.LEARNS_ALPHA, clients_per_round=settings.clients_per_round
+    )
     options = builders.AlgorithmOptions.from_settings(
         settings,
         **settings_flags.algorithm_flags(),
-        cohort_size=multi_worker.cohort_size_for(
-            _COHORT.value, settings.clients_per_round, num_workers
+        model_aggregator=aggregators.model,
+        meta_aggregator=aggregators.meta,
+        cohort_size=aggregator_flags.cohort_size(
+            aggregators, _COHORT.value, settings.clients_per_round, num_workers
         ),
     )
     return builders.build_algorithm(name, task, options)
@@ -133,6 +149,7 @@ def _train_and_track(name: str, built, task, settings: TaskSettings, target: flo
     ]
     return {
         "report": report,
+        "communication": communication.measure(process, spec.stream_aggregators),
         "curve": curve,
         "after_values": after_values,
         "reached_at": last.get("reached_at"),
@@ -147,19 +164,34 @@ def _table(task, settings: TaskSettings, results: dict, target: float) -> str:
         f"{_SEED.value}.",
         "",
         f"Settings: {settings.describe()}; {settings_flags.describe_algorithm()}"
-        f"{(' ' + settings_flags.describe_data()).rstrip()}.",
+        f"{(' ' + settings_flags.describe_data()).rstrip()} {aggregator_flags.describe()}.",
         "",
         "| algorithm | rounds | before mean | before p10 | after mean | after p10 | "
-        f"rounds to {target:g} | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"rounds to {target:g} | MB uploaded to reach the target | MB per client per round "
+        "(up / down) | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         before, after = r["report"]["before_adaptation"], r["report"]["after_adaptation"]
+        cost, reached = r["communication"], r["reached_at"]
+        to_target = (
+            "-"
+            if reached is None
+            else f"{reached * settings.clients_per_round * cost.upload_total / 1e6:.2f}"
+        )
         lines.append(
             f"| {name} | {_ROUNDS.value} | {before['mean']:.4f} | {before['p10']:.4f} | "
-            f"{after['mean']:.4f} | {after['p10']:.4f} | "
-            f"{r['reached_at'] if r['reached_at'] is not None else '-'} | {r['seconds']:.0f} |"
+            f"{after['mean']:.4f} | {after['p10']:.4f} | {reached if reached is not None else '-'} "
+            f"| {to_target} | {cost.upload_total / 1e6:.4f} / {cost.download_bytes / 1e6:.4f} | "
+            f"{r['seconds']:.0f} |"
         )
+    lines += [
+        "",
+        "MB are 10^6 bytes, counted from the TFF types of each round's broadcasts and "
+        "aggregations (after the aggregator's encoding; `mfl_tff.algorithms.communication`); "
+        "'to reach the target': every client of every round up to the first evaluation at the "
+        "target (evaluations every --rounds_per_eval rounds).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -210,14 +242,15 @@ def _workers() -> list[str]:
 def _check_workers(targets: list[str], built: dict) -> None:
     """Fails before training if a worker does not answer or an algorithm cannot be split."""
     if len(targets) > 1:
-        for name, (process, _) in built.items():
+        for name, (process, spec) in built.items():
             try:
-                multi_worker.check_mergeable(process.next)
+                for computation in rounds.split_computations(process, spec):
+                    multi_worker.check_mergeable(computation)
             except multi_worker.NotMergeableError:
                 _fail(
-                    f"--algorithms: {name}'s round aggregates twice, the second time on the result "
-                    "of the first, which cannot run on several workers yet; pass one --worker, or "
-                    f"drop {name} from --algorithms."
+                    f"--algorithms: a phase of {name}'s round aggregates twice, the second time "
+                    "on the result of the first, which cannot run on several workers; pass one "
+                    f"--worker, or drop {name} from --algorithms."
                 )
     for target in targets:
         try:
@@ -233,15 +266,24 @@ def _check_workers(targets: list[str], built: dict) -> None:
 @contextlib.contextmanager
 def _execution(targets: list[str]) -> Iterator[None]:
     """TFF's runtime for the comparison: a worker started here, or the --worker ones."""
+    secure = aggregator_flags.simulate_secure_sums()
     if not targets:
-        with runtime.local_execution(log_path=os.path.join(_OUTPUT_DIR.value, "worker.log")):
+        with runtime.local_execution(
+            log_path=os.path.join(_OUTPUT_DIR.value, "worker.log"), simulate_secure_sums=secure
+        ):
+            if secure:
+                print(aggregator_flags.SECURE_SUMS_NOTE, flush=True)
             yield
         return
     # One worker keeps the single-worker path; several share each round's clients.
     with runtime.remote_execution(
-        targets[0] if len(targets) == 1 else targets, timeout_s=_WORKER_TIMEOUT.value
+        targets[0] if len(targets) == 1 else targets,
+        timeout_s=_WORKER_TIMEOUT.value,
+        simulate_secure_sums=secure,
     ):
         print(f"TFF worker(s) at {', '.join(targets)} (remote)", flush=True)
+        if secure:
+            print(aggregator_flags.SECURE_SUMS_NOTE, flush=True)
         yield
 
 
@@ -258,6 +300,10 @@ def main(argv: list[str]) -> None:
     if problem:
         _fail(problem)
     targets = _workers()
+    try:
+        aggregator_flags.check_aggregator_flags(num_workers=len(targets), accounts_privacy=False)
+    except aggregator_flags.UsageError as e:
+        _fail(str(e))
     try:
         task = registry.get_task(
             _TASK.value,
@@ -288,7 +334,12 @@ def main(argv: list[str]) -> None:
     target = (
         _TARGET.value if _TARGET.value is not None else (0.9 if task.metric == "accuracy" else 0.5)
     )
-    built = {name: _build(name, task, settings, max(1, len(targets))) for name in _ALGORITHMS.value}
+    try:
+        built = {
+            name: _build(name, task, settings, max(1, len(targets))) for name in _ALGORITHMS.value
+        }
+    except aggregator_flags.UsageError as e:
+        _fail(str(e))
     _check_workers(targets, built)
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     results = {}

@@ -69,13 +69,14 @@ if __name__ == "__main__" and not _verbose_requested(sys.argv):
 
 import tensorflow as tf  # noqa: E402
 
+from experiments import aggregator_flags  # noqa: E402
 from experiments import train_flags as cfg  # noqa: E402
-from mfl_tff.algorithms import aggregation, builders  # noqa: E402
+from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.data import settings as settings_lib  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
-from mfl_tff.training import multi_worker, outputs, privacy, program, runtime  # noqa: E402
+from mfl_tff.training import multi_worker, outputs, privacy, program, rounds, runtime  # noqa: E402
 
 # --helpshort lists the flags of train_flags as this binary's own.
 flags.adopt_module_key_flags(cfg)
@@ -139,28 +140,32 @@ def _connect_remote_worker() -> None:
             ) from None
 
 
-def _check_several_workers(process: program.LearningProcess) -> None:
+def _check_several_workers(process: program.LearningProcess, spec) -> None:
     """With several --worker targets, refuses an algorithm whose round TFF cannot split."""
     if len(cfg.workers()) < 2:
         return
     try:
-        multi_worker.check_mergeable(process.next)
+        for computation in rounds.split_computations(process, spec):
+            multi_worker.check_mergeable(computation)
     except multi_worker.NotMergeableError:
         raise cfg.UsageError(
-            f"--algorithm={cfg.ALGORITHM.value}: its round aggregates twice, the second time on "
-            "the result of the first, which cannot run on several workers yet; pass one --worker, "
-            "or use a one-phase algorithm such as meta_sgd or fedavg."
+            f"--algorithm={cfg.ALGORITHM.value}: a phase of its round aggregates twice, the "
+            "second time on the result of the first, which cannot run on several workers; pass "
+            "one --worker."
         ) from None
 
 
 @contextlib.contextmanager
 def _execution(paths: outputs.OutputPaths) -> Iterator[None]:
     """TFF's execution context for the run: a worker started here, or the one(s) at --worker."""
+    secure = aggregator_flags.simulate_secure_sums()
     if cfg.EXECUTION.value == "remote":
         targets = cfg.workers()
         # One worker keeps the single-worker path; several share each round's clients.
         with runtime.remote_execution(
-            targets[0] if len(targets) == 1 else targets, timeout_s=cfg.WORKER_TIMEOUT.value
+            targets[0] if len(targets) == 1 else targets,
+            timeout_s=cfg.WORKER_TIMEOUT.value,
+            simulate_secure_sums=secure,
         ):
             if len(targets) == 1:
                 print(f"TFF worker at {targets[0]} (remote)", flush=True)
@@ -170,10 +175,14 @@ def _execution(paths: outputs.OutputPaths) -> Iterator[None]:
                     "shared between them)",
                     flush=True,
                 )
+            if secure:
+                print(aggregator_flags.SECURE_SUMS_NOTE, flush=True)
             yield
         return
-    with runtime.local_execution(log_path=paths.worker_log) as worker:
+    with runtime.local_execution(log_path=paths.worker_log, simulate_secure_sums=secure) as worker:
         print(f"TFF worker_binary pid {worker.pid}, log {paths.worker_log}", flush=True)
+        if secure:
+            print(aggregator_flags.SECURE_SUMS_NOTE, flush=True)
         yield
 
 
@@ -245,7 +254,7 @@ def _train() -> None:
         )
     accountant = _privacy_accountant(num_train, settings)
     process, spec = _build_algorithm(task, settings)
-    _check_several_workers(process)
+    _check_several_workers(process, spec)
     try:
         start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
     except program.CheckpointError as e:
@@ -391,25 +400,15 @@ def _build_algorithm(
     Option errors become usage errors.
     """
     clients = settings.clients_per_round
-    kind = cfg.AGGREGATOR.value
-    dp = kind == "dp"
-    try:
-        aggregators = aggregation.build_aggregators(
-            kind,
-            learns_alpha=cfg.ALGORITHM.value in builders.LEARNS_ALPHA,
-            noise_multiplier=cfg.NOISE_MULTIPLIER.value if dp else None,
-            clip_norm=(cfg.CLIP_NORM.value or aggregation.ADAPTIVE) if dp else None,
-            clients_per_round=clients if dp else None,
-        )
-    except ValueError as e:
-        raise cfg.UsageError(f"--aggregator={kind}: {e}") from None
+    aggregators = aggregator_flags.build(
+        learns_alpha=cfg.ALGORITHM.value in builders.LEARNS_ALPHA, clients_per_round=clients
+    )
     # A cohort larger than a round only adds empty padding clients, and several workers share
-    # cohorts, so each gets at most its share of the round. Per-client aggregators (dp, robust)
-    # must see clients, not cohorts.
-    cohort_size = None
-    if not aggregators.per_client:
-        workers = max(1, len(cfg.workers()))
-        cohort_size = multi_worker.cohort_size_for(cfg.COHORT_SIZE.value, clients, workers)
+    # cohorts, so each gets at most its share of the round. Per-client aggregators (dp, robust,
+    # compressed, secure) must see clients, not cohorts.
+    cohort_size = aggregator_flags.cohort_size(
+        aggregators, cfg.COHORT_SIZE.value, clients, len(cfg.workers())
+    )
     options = builders.AlgorithmOptions.from_settings(
         settings,
         server_optimizer=cfg.SERVER_OPTIMIZER.value or None,

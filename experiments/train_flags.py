@@ -15,7 +15,19 @@ import os
 
 from absl import flags
 
-from mfl_tff.algorithms import aggregation, builders, mfl
+from experiments import aggregator_flags
+from experiments.aggregator_flags import (  # noqa: F401  (re-exported: train.py reads them here)
+    AGGREGATOR,
+    CLIP_NORM,
+    DP_DELTA,
+    DP_FLAGS,
+    NOISE_MULTIPLIER,
+    QUANTIZATION_BITS,
+    QUANTIZATION_THRESHOLD,
+    UsageError,
+    require,
+)
+from mfl_tff.algorithms import builders, mfl
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.meta import hparams as meta_hparams
@@ -141,35 +153,6 @@ SERVER_LR = flags.DEFINE_float(
     "Learning rate of --server_optimizer (reptile's epsilon); empty: the algorithm's default "
     "(1.0 for sgd, 1e-3 for mfl's adam).",
 )
-AGGREGATOR = flags.DEFINE_string(
-    "aggregator",
-    "mean",
-    "How client updates (and alpha meta-gradients) are combined: mean (weighted by examples); "
-    "dp (user-level differential privacy: each client clipped to --clip_norm, Gaussian noise "
-    "--noise_multiplier, every client weighted the same; epsilon reported); robust (TFF's "
-    "robust_aggregator: adaptive zeroing of outliers and clipping). dp and robust turn cohorts "
-    "off.",
-)
-NOISE_MULTIPLIER = flags.DEFINE_float(
-    "noise_multiplier",
-    None,
-    "--aggregator=dp (required): noise multiplier of a round, > 0: the noise standard deviation "
-    "over the clip, as the privacy accountant counts it (mfl/meta_sgd noise each of their two "
-    "streams with sqrt(2) times it).",
-)
-CLIP_NORM = flags.DEFINE_string(
-    "clip_norm",
-    None,
-    "--aggregator=dp: L2 clip of each client's update and alpha meta-gradient, a number > 0, or "
-    "'adaptive' (TFF's adaptive clipping to the median norm, inside the same budget); empty: "
-    "adaptive.",
-)
-DP_DELTA = flags.DEFINE_float(
-    "dp_delta",
-    None,
-    "--aggregator=dp: delta of the reported (epsilon, delta) guarantee, in (0, 1); empty: 1 / the "
-    "number of training clients.",
-)
 COHORT_SIZE = flags.DEFINE_integer(
     "cohort_size",
     25,
@@ -179,6 +162,10 @@ COHORT_SIZE = flags.DEFINE_integer(
 SEED = flags.DEFINE_integer(
     "seed", 0, "Seed of the data, the initial model and each round's clients."
 )
+
+# The --aggregator flags (aggregator_flags.py) are this binary's own: listed by --helpshort and
+# recorded in hparams.csv.
+flags.adopt_module_key_flags(aggregator_flags)
 
 # ---- Data ----
 NUM_TRAIN_CLIENTS = flags.DEFINE_integer(
@@ -293,22 +280,11 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "verbose",
     }
 )
-AGGREGATORS = ("mean", "dp", "robust")
-# The flags that only --aggregator=dp reads.
-DP_FLAGS = ("noise_multiplier", "clip_norm", "dp_delta")
+AGGREGATORS = aggregator_flags.KINDS
 EXECUTIONS = ("local", "remote")
 
 
 # ---- Validation: every check runs before anything is written ----
-
-
-class UsageError(Exception):
-    """Bad input; the message is one line naming the flag or file and the fix."""
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)
 
 
 def check_flags() -> None:
@@ -366,11 +342,7 @@ def check_flags() -> None:
             f"--num_train_clients={NUM_TRAIN_CLIENTS.value}; lower --clients_per_round or "
             "raise --num_train_clients.",
         )
-    require(
-        AGGREGATOR.value in AGGREGATORS,
-        f"--aggregator={AGGREGATOR.value!r} is not supported; choose one of: "
-        f"{', '.join(AGGREGATORS)}.",
-    )
+    aggregator_flags.check_kind()
     require(
         EXECUTION.value in EXECUTIONS,
         f"--execution={EXECUTION.value!r} is not supported; choose one of: "
@@ -481,41 +453,9 @@ def describe_settings(task: FederatedTask, settings: settings_lib.TaskSettings) 
 
 
 def check_aggregator_flags() -> None:
-    """Checks --aggregator's own flags: dp's noise, clip and delta, and cohorts off per client."""
-    kind = AGGREGATOR.value
-    if kind != "dp":
-        for name in DP_FLAGS:
-            require(
-                flags.FLAGS[name].value is None,
-                f"--{name} applies only with --aggregator=dp; drop it or pass --aggregator=dp.",
-            )
-    else:
-        noise = NOISE_MULTIPLIER.value
-        require(
-            noise is not None,
-            "--aggregator=dp needs --noise_multiplier (> 0, e.g. --noise_multiplier=1.0).",
-        )
-        require(
-            math.isfinite(noise) and noise > 0,
-            f"--noise_multiplier must be a number > 0 with --aggregator=dp (without noise epsilon "
-            f"is infinite), got {noise}.",
-        )
-        if CLIP_NORM.value is not None:
-            try:
-                aggregation.parse_clip_norm(CLIP_NORM.value)
-            except ValueError:
-                raise UsageError(
-                    f"--clip_norm={CLIP_NORM.value!r} must be a number > 0 or 'adaptive'."
-                ) from None
-        delta = DP_DELTA.value
-        require(delta is None or 0 < delta < 1, f"--dp_delta must be in (0, 1), got {delta}.")
-    if kind in ("dp", "robust") and flags.FLAGS["cohort_size"].present:
-        require(
-            COHORT_SIZE.value == 0,
-            f"--cohort_size={COHORT_SIZE.value} stacks clients into one federated client, but "
-            f"--aggregator={kind} must clip each client alone; drop --cohort_size or pass "
-            "--cohort_size=0.",
-        )
+    """Checks --aggregator's own flags (`aggregator_flags.check_aggregator_flags`) against
+    cohorts and --worker (call `check_flags` first)."""
+    aggregator_flags.check_aggregator_flags(num_workers=len(workers()), accounts_privacy=True)
 
 
 def check_execution_flags() -> None:

@@ -1,4 +1,6 @@
-"""Tests of `mfl_tff.algorithms.aggregation`: DP and robust factories inside real algorithms.
+"""Tests of `mfl_tff.algorithms.aggregation`: DP and robust factories inside real algorithms, and
+the compressed factory against TFF's own `compression_aggregator` and the exact weighted mean
+(the secure one is in secure_aggregation_test.py).
 
 Task: few-shot digits with every client holding the same number of examples, so the weighted
 mean equals the unweighted one (DP aggregation weighs every client the same). Server steps are
@@ -95,12 +97,19 @@ def test_kinds_give_the_expected_factories():
         "dp", learns_alpha=False, noise_multiplier=1.0, clip_norm=0.5, clients_per_round=10
     )
     assert one.meta is None and one.model_noise_multiplier == pytest.approx(1.0)
+    compressed = aggregation.build_aggregators("compressed", learns_alpha=True)
+    assert compressed.per_client and not compressed.uses_secure_sums
+    assert (compressed.quantization_bits, compressed.quantization_threshold) == (8, 4)
+    assert isinstance(compressed.meta, tff.aggregators.WeightedAggregationFactory)
+    secure = aggregation.build_aggregators("secure", learns_alpha=False)
+    assert secure.per_client and secure.uses_secure_sums and secure.meta is None
+    assert set(aggregation.PER_CLIENT_KINDS) == set(aggregation.KINDS) - {"mean"}
 
 
 @pytest.mark.parametrize(
     "kind, settings, message",
     [
-        ("median", {}, "mean, dp, robust"),
+        ("median", {}, "mean, dp, robust, compressed, secure"),
         ("dp", dict(clip_norm=1.0, clients_per_round=5), "needs noise_multiplier"),
         ("dp", dict(noise_multiplier=1.0, clients_per_round=5), "needs clip_norm"),
         ("dp", dict(noise_multiplier=-1.0, clip_norm=1.0, clients_per_round=5), ">= 0"),
@@ -109,6 +118,13 @@ def test_kinds_give_the_expected_factories():
         ("dp", dict(noise_multiplier=1.0, clip_norm=1.0, clients_per_round=0), "clients_per"),
         ("robust", dict(noise_multiplier=1.0), "only to the 'dp' aggregator"),
         ("mean", dict(clip_norm=1.0), "only to the 'dp' aggregator"),
+        ("compressed", dict(noise_multiplier=1.0), "only to the 'dp' aggregator"),
+        ("secure", dict(quantization_bits=8), "only to the 'compressed' aggregator"),
+        ("dp", dict(quantization_threshold=0), "only to the 'compressed' aggregator"),
+        ("compressed", dict(quantization_bits=0), "an int in 1..16"),
+        ("compressed", dict(quantization_bits=17), "an int in 1..16"),
+        ("compressed", dict(quantization_bits=4.0), "an int in 1..16"),
+        ("compressed", dict(quantization_threshold=-1), "quantization_threshold"),
         (
             "dp",
             dict(noise_multiplier=1.0, clip_norm=1.0, clients_per_round=5, meta_noise_share=1.0),
@@ -138,10 +154,11 @@ def test_cohorts_are_refused_with_per_client_aggregators(fewshot_task):
     options = builders.AlgorithmOptions(model_aggregator=dp.model, cohort_size=4)
     with pytest.raises(ValueError, match="cohort_size=None"):
         builders.build_algorithm("fedavg", fewshot_task, options)
-    robust = aggregation.build_aggregators("robust", learns_alpha=True)
-    options = builders.AlgorithmOptions(meta_aggregator=robust.meta, cohort_size=4)
-    with pytest.raises(ValueError, match="meta_aggregator"):
-        builders.build_algorithm("mfl", fewshot_task, options)
+    for kind in ("robust", "compressed", "secure"):
+        per_client = aggregation.build_aggregators(kind, learns_alpha=True)
+        options = builders.AlgorithmOptions(meta_aggregator=per_client.meta, cohort_size=4)
+        with pytest.raises(ValueError, match="meta_aggregator"):
+            builders.build_algorithm("mfl", fewshot_task, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +244,112 @@ def test_dp_noise_has_the_stated_standard_deviation(fewshot_task, clients, algor
     assert abs(np.mean(theta)) < 0.05 * expected
     rejected = [v for k, v in _leaves(output.metrics) if k.endswith("num_clients_rejected")]
     assert rejected and all(r == 0 for r in rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression, on the aggregation process alone: a value of two tensors, one weight per client.
+
+WEIGHTS = (3.0, 1.0, 6.0)
+
+
+def _compression_rounds(factory, shapes, rounds, scales=(0.3, 0.1, 0.2), seed=0):
+    """The aggregates of `rounds` rounds of `factory`'s process on the same random client values
+    (each client's tensors scaled to L2 norm `scales[i]`), and those values."""
+    value_type = tff.types.to_type([tff.TensorType(np.float32, shape) for shape in shapes])
+    process = factory.create(value_type, tff.TensorType(np.float32))
+    rng = np.random.default_rng(seed)
+    results, all_values = [], []
+    state = process.initialize()
+    for _ in range(rounds):
+        values = []
+        for scale in scales:
+            tensors = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+            norm = math.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in tensors))
+            values.append([t * np.float32(scale / norm) for t in tensors])
+        output = process.next(state, values, list(WEIGHTS))
+        state = output.state
+        results.append([np.asarray(t) for t in output.result])
+        all_values.append(values)
+    return results, all_values
+
+
+def test_compression_with_tff_settings_equals_tffs_compression_aggregator(monkeypatch):
+    """Our composition at 8 bits and threshold 20,000 against TFF's own compression_aggregator
+    (the independent reference), over 3 rounds of the same client values, with deterministic
+    rounding (TFF's `stochastic=False` encoder option) so that the two can be equal: one tensor
+    above the threshold (quantized), one below. Client norms from 0.5 to 30 make the adaptive
+    clipping (initial clip 1) and zeroing (initial threshold 21) act and adapt."""
+    shapes = [(20001,), (3,)]
+    scales = (0.5, 3.0, 30.0)
+    ours, _ = _compression_rounds(
+        aggregation._composed_compression(8, 20000, stochastic=False), shapes, 3, scales
+    )
+    reference, _ = _compression_rounds(
+        tff.learning.compression_aggregator(stochastic=False), shapes, 3, scales
+    )
+    # The same zeroing and clipping without quantization.
+    unquantized, _ = _compression_rounds(
+        tff.learning.robust_aggregator(zeroing=True, clipping=True, weighted=True),
+        shapes,
+        3,
+        scales,
+    )
+    for got, want, exact in zip(ours, reference, unquantized):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        # Only the tensor above the threshold was quantized.
+        assert np.max(np.abs(got[0] - exact[0])) > 1e-6
+        np.testing.assert_allclose(got[1], exact[1], rtol=1e-6, atol=1e-8)
+    # TFF's settings give TFF's own factory.
+    monkeypatch.setattr(tff.learning, "compression_aggregator", lambda **_: "tff's own")
+    assert aggregation.compression_factory(8, 20000) == "tff's own"
+    assert aggregation.compression_factory(8, 0) != "tff's own"
+
+
+def _weighted_mean(values, index):
+    stacked = np.stack([np.asarray(v[index], np.float64) for v in values])
+    return np.tensordot(np.asarray(WEIGHTS), stacked, axes=1) / sum(WEIGHTS)
+
+
+def _quantization_bound(values, index, bits):
+    """Closed-form bound on |quantized weighted mean - exact weighted mean| per coordinate: each
+    client quantizes its weighted tensor w*x between its own min and max, one step
+    (max - min) / (2**bits - 1), and the mean divides the sum of those errors by the weights."""
+    steps = [
+        (
+            np.max(w * np.asarray(v[index], np.float64))
+            - np.min(w * np.asarray(v[index], np.float64))
+        )
+        / (2**bits - 1)
+        for w, v in zip(WEIGHTS, values)
+    ]
+    return sum(steps) / sum(WEIGHTS)
+
+
+@pytest.mark.parametrize("bits", [8, 3])
+def test_threshold_0_quantizes_every_tensor_within_one_step(bits):
+    """The default threshold 0 quantizes even a 5-element tensor; each tensor's result is within
+    the closed-form quantization error of the exact weighted mean (client norms stay under the
+    initial clip and zeroing thresholds, so neither acts), and not exact."""
+    shapes = [(40, 10), (5,)]
+    (result,), (values,) = _compression_rounds(
+        aggregation.compression_factory(quantization_bits=bits), shapes, 1
+    )
+    for index in range(len(shapes)):
+        error = np.max(np.abs(result[index] - _weighted_mean(values, index)))
+        bound = _quantization_bound(values, index, bits)
+        MEASURED[f"{bits}-bit quantization error, tensor {shapes[index]}"] = (error, bound)
+        assert 0 < error <= bound * (1 + 1e-5) + 1e-7
+
+
+def test_a_tensor_at_or_below_the_threshold_is_summed_exactly():
+    shapes = [(40, 10), (5,)]
+    (result,), (values,) = _compression_rounds(
+        aggregation.compression_factory(quantization_bits=8, quantization_threshold=5), shapes, 1
+    )
+    np.testing.assert_allclose(result[1], _weighted_mean(values, 1), rtol=1e-6, atol=1e-8)
+    error = np.max(np.abs(result[0] - _weighted_mean(values, 0)))
+    assert 0 < error <= _quantization_bound(values, 0, 8) * (1 + 1e-5) + 1e-7
 
 
 MEASURED: dict = {}

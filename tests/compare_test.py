@@ -27,6 +27,14 @@ CASES = {
     # The default task, digits_fewshot, takes no label noise (tests/quality_test.py checks the
     # other flags shared through experiments/settings_flags.py).
     "label_noise_on_digits_fewshot": ("--label_noise=0:1",),
+    # Per-client aggregators need cohorts off (the default 25 is turned off, not an explicit 5);
+    # secure sums are simulated on one worker only. Both fail before any task is built.
+    "secure_with_explicit_cohorts": ("--aggregator=secure", "--cohort_size=5"),
+    "secure_on_several_workers": (
+        "--aggregator=secure",
+        "--execution=remote",
+        "--worker=localhost:1,localhost:2",
+    ),
 }
 
 
@@ -58,6 +66,13 @@ def test_compare_writes_a_row_per_algorithm_and_a_png(runs):
         assert cells[1] == "2"  # rounds
         for value in cells[2:6]:  # before/after mean and p10 are accuracies
             assert 0.0 <= float(value) <= 1.0
+        up, down = (float(v) for v in cells[8].split(" / "))
+        # Closed form: the 64-64-5 MLP on 8x8 digits has 8,645 float32 parameters, broadcast to
+        # each client (mfl adds its 6 per-layer rates, twice) and uploaded as its update.
+        params_mb = 4 * (64 * 64 + 64 + 64 * 64 + 64 + 64 * 5 + 5) / 1e6
+        want_down = params_mb + (2 * 4 * 6 / 1e6 if cells[0] == "mfl" else 0)
+        assert down == pytest.approx(want_down, abs=1e-4)
+        assert params_mb < up < params_mb + 1e-3
     png = (out / "comparison.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     # The printed table is the written one.
@@ -77,4 +92,22 @@ def test_label_noise_on_a_task_without_it_exits_2_with_one_line(runs):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "drop --label_noise" in lines[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("secure_with_explicit_cohorts", "--cohort_size=5"),
+        ("secure_on_several_workers", "--aggregator=secure runs on one worker"),
+    ],
+)
+def test_bad_aggregator_combinations_exit_2_with_one_line(runs, case, expected):
+    result, out = runs[case]
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    ), result.stderr
+    assert not result.workers.workers
     assert not out.exists()

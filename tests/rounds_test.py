@@ -123,3 +123,23 @@ def test_multi_round_refuses_a_bad_count(built, multi):
         rounds.MultiRound(process, 0)
     with pytest.raises(ValueError, match="Expected 2 rounds"):
         multi(process.initialize(), [[]])
+
+
+def test_a_round_run_phase_by_phase_equals_one_call(built, task):
+    process, spec = built
+    if not spec.phase_computations:
+        assert built[1].name == "fedavg"  # One phase: nothing to split.
+        return
+    by_phase, by_phase_metrics = process.initialize(), []
+    for r in (1, 2):
+        result = rounds.run_round(process, spec, task, by_phase, r, CLIENTS, by_phase=True)
+        by_phase = result.state
+        by_phase_metrics.append(result.metrics)
+    reference, reference_metrics = _separate_calls(process, spec, task, [1, 2])
+    assert _max_diff(_learned(process, by_phase), _learned(process, reference)) <= TOLERANCE
+    assert _max_diff(by_phase, reference) <= TOLERANCE  # optimizer and aggregator states too
+    for ours, theirs in zip(by_phase_metrics, reference_metrics):
+        ours, theirs = _metric_values(ours), _metric_values(theirs)
+        assert list(ours) == list(theirs)  # same names, same order
+        for name in ours:
+            assert abs(ours[name] - theirs[name]) <= 1e-5 * max(1.0, abs(theirs[name])), name

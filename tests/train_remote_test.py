@@ -98,11 +98,12 @@ def _refused(scratch: pathlib.Path) -> dict:
     """Runs on several workers that must be refused before anything is written."""
     root = scratch / "out"
     runs = {}
-    # mfl's round aggregates twice: refused before any worker is contacted (none runs here).
-    runs["mfl"] = testing.run_binary(
+    # Several rounds in one call chain aggregations: refused before any worker is contacted (none
+    # runs here). (mfl's two-phase round runs phase by phase: tests/multi_worker_test.py.)
+    runs["rounds_per_call"] = testing.run_binary(
         "train",
         *testing.tiny_flags(ROUNDS),
-        "--algorithm=mfl",
+        "--rounds_per_call=2",
         f"--root_output_dir={root}",
         "--execution=remote",
         "--worker=localhost:1,localhost:2",
@@ -237,9 +238,8 @@ def _assert_refused(run, expected: str) -> None:
 
 def test_what_cannot_run_on_several_workers_is_refused_before_writing(refused):
     _assert_refused(
-        refused["runs"]["mfl"],
-        "--algorithm=mfl: its round aggregates twice, the second time on the result of the "
-        "first, which cannot run on several workers yet; pass one --worker",
+        refused["runs"]["rounds_per_call"],
+        "--rounds_per_call=2 chains rounds in one TFF call, which cannot run on several workers",
     )
     _assert_refused(refused["runs"]["silent_second"], "no TFF worker answered at localhost:1")
     assert not refused["root"].exists()

@@ -73,6 +73,8 @@ CONTRACT_FLAGS = (
     "noise_multiplier",
     "clip_norm",
     "dp_delta",
+    "quantization_bits",
+    "quantization_threshold",
     "label_noise",
     "meta_model",
     "client_optimizer",
@@ -289,6 +291,20 @@ BAD_INPUT = {
         "--dp_delta",
     ),
     "robust_with_cohorts": (("--aggregator=robust", "--cohort_size=5"), "--cohort_size"),
+    "secure_with_cohorts": (("--aggregator=secure", "--cohort_size=5"), "--cohort_size"),
+    "quantization_bits_without_compressed": (("--quantization_bits=4",), "--quantization_bits"),
+    "quantization_bits_out_of_range": (
+        ("--aggregator=compressed", "--quantization_bits=17"),
+        "--quantization_bits must be in 1..16",
+    ),
+    "negative_quantization_threshold": (
+        ("--aggregator=compressed", "--quantization_threshold=-1"),
+        "--quantization_threshold",
+    ),
+    "secure_on_several_workers": (
+        ("--aggregator=secure", "--execution=remote", "--worker=localhost:1,localhost:2"),
+        "--aggregator=secure runs on one worker",
+    ),
     "remote_without_worker": (("--execution=remote",), "--worker"),
     "worker_not_host_port": (("--execution=remote", "--worker=localhost"), "--worker"),
     "worker_without_remote": (("--worker=localhost:8000",), "--execution=remote"),
@@ -323,6 +339,7 @@ SUBPROCESS_CASES = (
     "unknown_task",
     "shots_reversed",
     "label_noise_on_digits_fewshot",
+    "quantization_bits_without_compressed",
 )
 
 
@@ -526,6 +543,19 @@ AGGREGATOR_RUNS = {
         "--experiment_name=dp",
     ),
     "robust": (*testing.tiny_flags(3)[:-1], "--aggregator=robust", "--experiment_name=robust"),
+    # Cohorts off by default with a per-client aggregator; both rounds quantize every tensor.
+    "compressed": (
+        "--task=digits_fewshot",
+        "--algorithm=fedavg",
+        "--num_train_clients=20",
+        "--num_eval_clients=3",
+        "--clients_per_round=4",
+        "--total_rounds=2",
+        "--inner_steps=2",
+        "--rounds_per_eval=0",
+        "--aggregator=compressed",
+        "--experiment_name=compressed",
+    ),
 }
 
 
@@ -600,4 +630,22 @@ def test_robust_run_reports_zeroed_and_clipped_clients(aggregator_runs):
     ):
         assert all(r[column] != "" for r in rows), column
     assert "privacy/epsilon" not in rows[0]
+    assert completed.stderr.strip() == "", completed.stderr
+
+
+def test_compressed_run_trains_with_quantized_updates(aggregator_runs):
+    results, completed = aggregator_runs["compressed"]
+    rows = csv_rows(results / "experiment.metrics.csv")
+    assert [r["round_num"] for r in rows] == ["1", "2"]
+    for column in ("aggregator/zeroed_count", "aggregator/zeroing/clipping_norm"):
+        assert all(r[column] != "" for r in rows), column
+    hparams = csv_rows(results / "hparams.csv")[0]
+    assert hparams["aggregator"] == "compressed"
+    assert (hparams["quantization_bits"], hparams["quantization_threshold"]) == ("8", "4")
+    # 8-bit words instead of float32: the update travels at under a third of the model's bytes.
+    for row in rows:
+        model = int(row["communication/download_bytes_per_client"])
+        assert int(row["communication/upload_model_bytes_per_client"]) < model / 3
+    with open(results / "personalization.json") as f:
+        assert 0.0 <= json.load(f)["after_adaptation"]["mean"] <= 1.0
     assert completed.stderr.strip() == "", completed.stderr

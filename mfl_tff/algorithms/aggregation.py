@@ -1,4 +1,4 @@
-"""Aggregator factories by name: plain mean, user-level differential privacy, robust aggregation.
+"""Aggregator factories by name: plain mean, differential privacy, robust, compressed, secure.
 
     aggregators = aggregation.build_aggregators(
         "dp", learns_alpha=True, noise_multiplier=1.0, clip_norm="adaptive", clients_per_round=100
@@ -9,8 +9,8 @@
 
 Every algorithm aggregates one or two streams of client values each round: the model updates
 (deltas or theta meta-gradients) and, for the algorithms that learn rates alpha (mfl, meta_sgd),
-the alpha meta-gradients. Alpha is learned from client data too, so with `dp` both streams are
-clipped per client and noised.
+the alpha meta-gradients. Alpha is learned from client data too, so every kind below applies to
+both streams (with `dp` both are clipped per client and noised).
 
 * `mean`: `tff.aggregators.MeanFactory`, weighted by example counts (the default everywhere).
 * `dp`: user-level DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language
@@ -20,6 +20,25 @@ clipped per client and noised.
   the expected clients per round. Unweighted: every client counts the same, whatever its size.
 * `robust`: `tff.learning.robust_aggregator` (adaptive zeroing of very large values, then adaptive
   L2 clipping, then the weighted mean); no noise and no privacy guarantee.
+* `compressed`: `tff.learning.compression_aggregator`'s structure: robust's adaptive zeroing and
+  clipping around a weighted mean whose sum is
+  `tff.aggregators.EncodedSumFactory.quantize_above_threshold`. Each client uniformly quantizes
+  each weighted tensor with more than `quantization_threshold` elements to `quantization_bits`
+  bits between the tensor's own min and max (stochastic rounding, unbiased), bitpacks it, and
+  sends the packed integers with that (min, max); smaller tensors travel as float32. TFF's default
+  threshold, 20,000 elements, quantizes nothing in this project's models (the largest tensor of
+  the digits MLP has 4,096 elements, sinusoid's 1,600), so the default here is 4: every tensor
+  that quantization makes smaller (the (min, max) pair costs 8 bytes, so at 8 bits a tensor of 4
+  or fewer elements would not shrink). With `quantization_bits=8, quantization_threshold=20000`
+  the factory is TFF's own
+  `tff.learning.compression_aggregator()`.
+* `secure`: `tff.learning.secure_aggregator` (adaptive zeroing and clipping, and a weighted mean
+  whose value and weight sums, and the counts that adapt the bounds, are
+  `tff.federated_secure_sum_bitwidth`s of values clipped and quantized to integers): on a platform
+  that implements secure summation the server sees only sums. TFF's C++ runtime does not
+  implement it: run such computations under
+  `mfl_tff.training.runtime.local_execution(simulate_secure_sums=True)`, which replaces each
+  secure sum by a plain sum (no cryptography; the simulation sees every value).
 
 Noise and privacy accounting. `noise_multiplier` z is the effective noise multiplier of one round
 as a whole, the number a privacy accountant takes (`mfl_tff.training.privacy`). Two Gaussian
@@ -33,8 +52,9 @@ the effective total of its stream and spends part of it on the noised clipped-co
 the clip, adding a little more noise to the values.
 
 Cohorts (`mfl_tff.algorithms.cohorts`) stack several clients into one federated client, so a
-per-client aggregator would clip or zero a cohort's mean, not each client: `dp` and `robust` need
-cohorts off (`AggregatorSet.per_client` is True; `builders.build_algorithm` refuses the mix).
+per-client aggregator would clip, zero or quantize a cohort's mean, not each client's value:
+`dp`, `robust`, `compressed` and `secure` need cohorts off (`AggregatorSet.per_client` is True;
+`builders.build_algorithm` refuses the mix).
 """
 
 from __future__ import annotations
@@ -46,8 +66,22 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow_federated as tff
 
-KINDS = ("mean", "dp", "robust")
+KINDS = ("mean", "dp", "robust", "compressed", "secure")
+# The kinds that clip, zero or quantize each client's value: cohorts must be off.
+PER_CLIENT_KINDS = ("dp", "robust", "compressed", "secure")
 ADAPTIVE = "adaptive"
+
+# `compressed`: bits per quantized coordinate, and the element count a tensor must exceed to be
+# quantized. TFF's own threshold (`tff.learning.compression_aggregator`) quantizes nothing in this
+# project's models, whose largest tensor has 4,096 elements. Ours quantizes every tensor that gets
+# smaller: a quantized tensor also carries its (min, max), 8 bytes, so at 8 bits one of 4 or fewer
+# elements (per-layer alpha, a tiny bias) would not shrink and stays float32.
+DEFAULT_QUANTIZATION_BITS = 8
+DEFAULT_QUANTIZATION_THRESHOLD = 4
+TFF_QUANTIZATION_BITS = 8
+TFF_QUANTIZATION_THRESHOLD = 20000
+# TFF's range of quantization bits (`EncodedSumFactory.quantize_above_threshold`).
+QUANTIZATION_BITS_RANGE = (1, 16)
 
 # The share of a round's privacy budget spent on the alpha meta-gradients (mfl, meta_sgd).
 DEFAULT_META_NOISE_SHARE = 0.5
@@ -60,12 +94,14 @@ class AggregatorSet:
     """The factories for an algorithm's streams, and what they imply.
 
     Attributes:
-      kind: 'mean', 'dp' or 'robust'.
+      kind: One of `KINDS`.
       model: Factory for the model updates.
       meta: Factory for the alpha meta-gradients (used by mfl and meta_sgd; None otherwise).
-      per_client: Whether the factories clip or zero each client's value (cohorts must be off).
+      per_client: Whether the factories clip, zero or quantize each client's value (cohorts must
+        be off).
       model_noise_multiplier, meta_noise_multiplier: With `dp`, the noise multiplier each stream
         is released with (see the module docstring); None otherwise.
+      quantization_bits, quantization_threshold: With `compressed`, its settings; None otherwise.
     """
 
     kind: str
@@ -80,6 +116,14 @@ class AggregatorSet:
     per_client: bool
     model_noise_multiplier: Optional[float] = None
     meta_noise_multiplier: Optional[float] = None
+    quantization_bits: Optional[int] = None
+    quantization_threshold: Optional[int] = None
+
+    @property
+    def uses_secure_sums(self) -> bool:
+        """Whether the factories aggregate with `tff.federated_secure_sum_bitwidth`, which TFF's
+        C++ runtime only runs simulated (`runtime.local_execution(simulate_secure_sums=True)`)."""
+        return self.kind == "secure"
 
 
 def parse_clip_norm(value: Union[str, float, int]) -> Union[str, float]:
@@ -161,6 +205,80 @@ def dp_factory(
     )
 
 
+def _check_quantization(bits, threshold) -> tuple[int, int]:
+    lo, hi = QUANTIZATION_BITS_RANGE
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
+        raise ValueError(f"quantization_bits must be an int in {lo}..{hi}, got {bits!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
+        raise ValueError(
+            "quantization_threshold must be an int >= 0 (tensors with more elements than it are "
+            f"quantized), got {threshold!r}."
+        )
+    return int(bits), int(threshold)
+
+
+def _composed_compression(
+    quantization_bits: int, quantization_threshold: int, **encoder_options
+) -> tff.aggregators.WeightedAggregationFactory:
+    """`tff.learning.compression_aggregator`'s structure, built from public TFF parts.
+
+    Adaptive zeroing (outside) and adaptive L2 clipping around a weighted mean whose sum is
+    `EncodedSumFactory.quantize_above_threshold`, with the constants of TFF 0.87's
+    `_default_zeroing` and `_default_clipping` (tensorflow_federated/python/learning/
+    model_update_aggregator.py). `encoder_options` go to TFF's uniform quantization encoder (as
+    `compression_aggregator(**kwargs)` passes them): `stochastic=False` rounds deterministically.
+    """
+    value_sum = tff.aggregators.EncodedSumFactory.quantize_above_threshold(
+        quantization_bits=quantization_bits, threshold=quantization_threshold, **encoder_options
+    )
+    factory = tff.aggregators.MeanFactory(value_sum)
+    # Adapts relatively quickly to a moderately high norm (TFF's `_default_clipping`).
+    clipping_norm = tff.aggregators.PrivateQuantileEstimationProcess.no_noise(
+        initial_estimate=1.0, target_quantile=0.8, learning_rate=0.2
+    )
+    factory = tff.aggregators.clipping_factory(clipping_norm, factory)
+    # Adapts very quickly to a value somewhat higher than the highest values so far seen (TFF's
+    # `_default_zeroing`).
+    zeroing_norm = tff.aggregators.PrivateQuantileEstimationProcess.no_noise(
+        initial_estimate=10.0,
+        target_quantile=0.98,
+        learning_rate=math.log(10.0),
+        multiplier=2.0,
+        increment=1.0,
+    )
+    return tff.aggregators.zeroing_factory(zeroing_norm, factory)
+
+
+def compression_factory(
+    quantization_bits: int = DEFAULT_QUANTIZATION_BITS,
+    quantization_threshold: int = DEFAULT_QUANTIZATION_THRESHOLD,
+) -> tff.aggregators.WeightedAggregationFactory:
+    """One stream's `compressed` factory (see the module docstring).
+
+    Args:
+      quantization_bits: Bits per quantized coordinate, an int in 1..16.
+      quantization_threshold: Tensors with more elements than this are quantized; the others are
+        summed as float32. 0 quantizes every tensor; the default, 4, those that get smaller.
+
+    Returns:
+      `tff.learning.compression_aggregator()` itself for TFF's settings (8 bits, threshold
+      20,000); otherwise the same structure with these settings.
+
+    Raises:
+      ValueError: For bits outside 1..16 or a negative threshold (or not ints).
+    """
+    bits, threshold = _check_quantization(quantization_bits, quantization_threshold)
+    if (bits, threshold) == (TFF_QUANTIZATION_BITS, TFF_QUANTIZATION_THRESHOLD):
+        return tff.learning.compression_aggregator(zeroing=True, clipping=True, weighted=True)
+    return _composed_compression(bits, threshold)
+
+
+def secure_factory() -> tff.aggregators.WeightedAggregationFactory:
+    """One stream's `secure` factory: `tff.learning.secure_aggregator` with adaptive zeroing and
+    clipping, weighted (see the module docstring for where it runs)."""
+    return tff.learning.secure_aggregator(zeroing=True, clipping=True, weighted=True)
+
+
 def build_aggregators(
     kind: str,
     *,
@@ -170,11 +288,13 @@ def build_aggregators(
     clients_per_round: Optional[int] = None,
     meta_clip_norm: Optional[Union[str, float]] = None,
     meta_noise_share: Optional[float] = None,
+    quantization_bits: Optional[int] = None,
+    quantization_threshold: Optional[int] = None,
 ) -> AggregatorSet:
     """The model and meta aggregator factories of `kind` (see the module docstring).
 
     Args:
-      kind: 'mean', 'dp' or 'robust'.
+      kind: One of `KINDS`: 'mean', 'dp', 'robust', 'compressed' or 'secure'.
       learns_alpha: Whether the algorithm also aggregates alpha meta-gradients (mfl, meta_sgd);
         with `dp` that makes two noised streams a round.
       noise_multiplier: `dp` only (required): the round's effective noise multiplier, >= 0.
@@ -184,13 +304,17 @@ def build_aggregators(
       meta_noise_share: `dp` with `learns_alpha` only: the share s in (0, 1) of the round's
         privacy budget spent on the alpha stream (module docstring); default
         `DEFAULT_META_NOISE_SHARE`.
+      quantization_bits: `compressed` only: bits per quantized coordinate, 1..16; default
+        `DEFAULT_QUANTIZATION_BITS` (8).
+      quantization_threshold: `compressed` only: tensors with more elements than this are
+        quantized; default `DEFAULT_QUANTIZATION_THRESHOLD` (0, every tensor).
 
     Returns:
       An `AggregatorSet`; `meta` is None when `learns_alpha` is False.
 
     Raises:
-      ValueError: For an unknown kind, a missing or out-of-range `dp` setting, or a `dp` setting
-        given with another kind.
+      ValueError: For an unknown kind, a missing or out-of-range setting, or a setting given with
+        a kind it does not apply to.
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown aggregator {kind!r}; choose one of: {', '.join(KINDS)}.")
@@ -201,21 +325,44 @@ def build_aggregators(
         meta_clip_norm=meta_clip_norm,
         meta_noise_share=meta_noise_share,
     )
-    if kind != "dp":
-        given = [name for name, value in dp_settings.items() if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} apply only to the 'dp' aggregator, not {kind!r}.")
-        if kind == "mean":
-            model = tff.aggregators.MeanFactory()
-            meta = tff.aggregators.MeanFactory() if learns_alpha else None
-            return AggregatorSet(kind, model, meta, per_client=False)
-        model = tff.learning.robust_aggregator(zeroing=True, clipping=True, weighted=True)
-        meta = (
-            tff.learning.robust_aggregator(zeroing=True, clipping=True, weighted=True)
-            if learns_alpha
-            else None
+    compression_settings = dict(
+        quantization_bits=quantization_bits, quantization_threshold=quantization_threshold
+    )
+    for owner, settings in (("dp", dp_settings), ("compressed", compression_settings)):
+        given = [name for name, value in settings.items() if value is not None]
+        if kind != owner and given:
+            raise ValueError(
+                f"{', '.join(given)} apply only to the {owner!r} aggregator, not {kind!r}."
+            )
+
+    def per_stream(make) -> tuple:
+        return make(), (make() if learns_alpha else None)
+
+    if kind == "mean":
+        return AggregatorSet(kind, *per_stream(tff.aggregators.MeanFactory), per_client=False)
+    if kind == "robust":
+        model, meta = per_stream(
+            lambda: tff.learning.robust_aggregator(zeroing=True, clipping=True, weighted=True)
         )
         return AggregatorSet(kind, model, meta, per_client=True)
+    if kind == "secure":
+        return AggregatorSet(kind, *per_stream(secure_factory), per_client=True)
+    if kind == "compressed":
+        bits, threshold = _check_quantization(
+            DEFAULT_QUANTIZATION_BITS if quantization_bits is None else quantization_bits,
+            DEFAULT_QUANTIZATION_THRESHOLD
+            if quantization_threshold is None
+            else quantization_threshold,
+        )
+        model, meta = per_stream(lambda: compression_factory(bits, threshold))
+        return AggregatorSet(
+            kind,
+            model,
+            meta,
+            per_client=True,
+            quantization_bits=bits,
+            quantization_threshold=threshold,
+        )
     missing = [
         name
         for name in ("noise_multiplier", "clip_norm", "clients_per_round")

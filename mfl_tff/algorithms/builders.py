@@ -50,6 +50,8 @@ class AlgorithmSpec:
     inner_loop: Optional[meta_model.InnerLoop] = None
     # {stream: (aggregation process, times per round)}: what `communication.measure` counts.
     stream_aggregators: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    # A round of several phases as one computation per phase (`composer.RoundParts`).
+    phase_computations: tuple = dataclasses.field(default=(), compare=False)
 
     def client_values(self, clients: list) -> list:
         """What `process.next` takes for these packed clients (cohorts when enabled)."""
@@ -69,7 +71,7 @@ def build_algorithm(
     """
     record = catalog.get(name)
     options = options or AlgorithmOptions()
-    process, stream_aggregators = composer.compose_with_streams(
+    process, parts = composer.compose_with_parts(
         record, task.model_fn, task.client_data_type(), options
     )
     spec = AlgorithmSpec(
@@ -78,7 +80,8 @@ def build_algorithm(
         eval_steps=options.inner_steps,
         cohort_size=options.cohort_size,
         inner_loop=options.inner_loop() if record.learns_meta else None,
-        stream_aggregators=stream_aggregators,
+        stream_aggregators=parts.stream_aggregators,
+        phase_computations=parts.phase_computations,
     )
     return process, spec
 

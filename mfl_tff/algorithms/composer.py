@@ -25,6 +25,7 @@ Metrics: `distributor`, then per phase `client_work` (or `<phase>_client_work`),
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -36,6 +37,24 @@ from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions
 from mfl_tff.meta import meta_model
 
 State = tff.learning.templates.LearningAlgorithmState
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundParts:
+    """How a composed round aggregates, beside its `LearningProcess`.
+
+    Attributes:
+      stream_aggregators: `{stream: (aggregation process, times aggregated per round)}` for the
+        round's streams ('model', and 'meta' for algorithms that learn meta-parameters): what
+        `mfl_tff.algorithms.communication.measure` counts by stream.
+      phase_computations: For a round of several phases (mfl's), one federated computation per
+        phase, `(state, client_data) -> (state after the phase, its metrics)`: called in order
+        on the same clients they are the round (the metrics, joined in order, are `next`'s).
+        Empty for one-phase rounds.
+    """
+
+    stream_aggregators: dict
+    phase_computations: tuple = ()
 
 
 def initial_model_weights_computation(model) -> tff.Computation:
@@ -195,18 +214,18 @@ def compose(
 ) -> tff.learning.templates.LearningProcess:
     """Builds `algorithm` as a LearningProcess over packed clients of `client_data_type`.
 
-    The same as `compose_with_streams(...)[0]`; its arguments, result and errors are those.
+    The same as `compose_with_parts(...)[0]`; its arguments, result and errors are those.
     """
-    return compose_with_streams(algorithm, model_fn, client_data_type, options)[0]
+    return compose_with_parts(algorithm, model_fn, client_data_type, options)[0]
 
 
-def compose_with_streams(
+def compose_with_parts(
     algorithm: Algorithm,
     model_fn,
     client_data_type: tff.Type,
     options: Optional[AlgorithmOptions] = None,
 ) -> tuple[tff.learning.templates.LearningProcess, dict]:
-    """Builds `algorithm` as a LearningProcess, and says how it aggregates each stream.
+    """Builds `algorithm` as a LearningProcess, with the parts that measure and split its round.
 
     Args:
       algorithm: The record (`mfl_tff.algorithms.catalog.get(name)`).
@@ -216,10 +235,8 @@ def compose_with_streams(
       options: `AlgorithmOptions` (None: the defaults).
 
     Returns:
-      `(process, stream_aggregators)`: a `tff.learning.templates.LearningProcess`, and
-      `{stream: (aggregation process, times aggregated per round)}` for its streams ('model',
-      and 'meta' for algorithms that learn meta-parameters), what
-      `mfl_tff.algorithms.communication.measure` counts by stream. `get_hparams(state)` is
+      `(process, parts)`: a `tff.learning.templates.LearningProcess` and its `RoundParts`.
+      `get_hparams(state)` is
       `OrderedDict(alpha=...)` for algorithms that learn rates, `OrderedDict(alpha=...,
       meta_model=...)` with a meta-model (`set_hparams` writes it), else the model
       optimizer's hyperparameters `OrderedDict(finalizer=...)`.
@@ -299,10 +316,8 @@ def compose_with_streams(
             )
         )
 
-    @tff.federated_computation(
-        init_fn.type_signature.result, tff.FederatedType(data_type, tff.CLIENTS)
-    )
-    def next_fn(state, client_data):
+    def run_phases(state, client_data, indices):
+        """Phases `indices` of a round from `state`: (state after them, their metrics)."""
         if not learns_meta:
             agg_states = {"model": state.aggregator}
             fin_states = {"model": state.finalizer}
@@ -311,16 +326,22 @@ def compose_with_streams(
             fin_states = {s: state.finalizer[s] for s in finalizers}
         weights = state.global_model_weights
         meta = fin_states["meta"].meta if learns_meta else None
+        # Every phase of a round trains from the weights the round started with.
         distributed = distributor.next(state.distributor, weights)
-        metrics = collections.OrderedDict(distributor=distributed.measurements)
-        work_states = []
-        for phase, work, work_state in zip(phases, works, state.client_work):
+        metrics = collections.OrderedDict()
+        distributor_state = state.distributor
+        if indices[0] == 0:
+            distributor_state = distributed.state
+            metrics["distributor"] = distributed.measurements
+        work_states = [state.client_work[i] for i in range(len(works))]
+        for index in indices:
+            phase, work = phases[index], works[index]
             names = _metric_names(phase.name, learns_meta)
             server_args = [distributed.result]
             if phase.takes_meta:
                 server_args.append(tff.federated_broadcast(meta))
-            output = work.next(work_state, *server_args, client_data)
-            work_states.append(output.state)
+            output = work.next(work_states[index], *server_args, client_data)
+            work_states[index] = output.state
             metrics[names["client_work"]] = output.measurements
             for stream in phase.streams:
                 update = output.result.update
@@ -345,14 +366,32 @@ def compose_with_streams(
                 metrics[names[f"{stream}_finalizer"]] = finalized.measurements
         new_state = State(
             weights,
-            distributed.state,
+            distributor_state,
             tuple(work_states),
             by_stream(agg_states),
             by_stream(fin_states),
         )
-        return tff.learning.templates.LearningProcessOutput(
-            tff.federated_zip(new_state), tff.federated_zip(metrics)
-        )
+        return tff.federated_zip(new_state), tff.federated_zip(metrics)
+
+    round_types = (init_fn.type_signature.result, tff.FederatedType(data_type, tff.CLIENTS))
+
+    @tff.federated_computation(*round_types)
+    def next_fn(state, client_data):
+        new_state, metrics = run_phases(state, client_data, range(len(phases)))
+        return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+    def phase_computation(index):
+        @tff.federated_computation(*round_types)
+        def phase_fn(state, client_data):
+            return run_phases(state, client_data, [index])
+
+        return phase_fn
+
+    # A round whose phases aggregate one after the other, as separate computations, each with
+    # one layer of aggregations: what several workers can run (`mfl_tff.training.multi_worker`).
+    phase_computations = (
+        tuple(phase_computation(i) for i in range(len(phases))) if len(phases) > 1 else ()
+    )
 
     state_type = init_fn.type_signature.result.member
 
@@ -424,4 +463,4 @@ def compose_with_streams(
         stream: (aggregator, sum(stream in phase.streams for phase in phases))
         for stream, aggregator in aggregators.items()
     }
-    return process, stream_aggregators
+    return process, RoundParts(stream_aggregators, phase_computations)

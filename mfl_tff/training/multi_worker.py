@@ -17,7 +17,10 @@ computation where it can run:
 * any other runs on all workers, if it compiles to `MergeableCompForm`. A computation in which
   one aggregation consumes another's result (a two-phase round such as mfl's, or several rounds
   in one call) does not, and `invoke` raises `NotMergeableError` instead of running it on one
-  worker behind the caller's back. `check_mergeable` gives the same answer up front.
+  worker behind the caller's back. `check_mergeable` gives the same answer up front. The round
+  loop (`mfl_tff.training.rounds.next_round`) therefore runs a two-phase round under this
+  context as its phase computations, each one layer of aggregations, with the server's step
+  between them.
 
 Results equal one worker's up to float rounding (partial sums are added in another order).
 

@@ -10,6 +10,12 @@ and quality binaries, the benchmark and the tutorials), so a round means the sam
 
 Because each step is a function of (seed, R), `(R, state)` is all a run needs to resume exactly.
 
+A round of several phases (mfl's: alpha's meta-update, then theta's adaptive update with the new
+alpha) is one computation whose second aggregation consumes the first's result, which TFF cannot
+split across workers. Under a multi-worker context (`mfl_tff.training.multi_worker`), or with
+`by_phase=True`, it runs as its phase computations (`AlgorithmSpec.phase_computations`), one call
+each on the same clients; the state and metrics are those of the one-call round.
+
 Several rounds per TFF call: `MultiRound(process, rounds_per_call)` is ONE federated computation
 that runs R rounds back to back (R copies of `process.next`, each on its own round's clients), so
 the driver pays TFF's fixed per-call cost (argument serialization, the call itself) once per R
@@ -19,6 +25,7 @@ stacked along a new leading axis. Its result equals R separate calls (`tests/rou
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
@@ -26,6 +33,8 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from mfl_tff.training import multi_worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,37 @@ def round_values(task, spec, client_ids: list[str], round_num: int) -> list:
     return spec.client_values(task.train_clients(client_ids, round_num))
 
 
+def splits_clients() -> bool:
+    """Whether the current TFF execution context shares each call's clients among workers."""
+    return isinstance(tff.framework.get_context_stack().current, multi_worker.MultiWorkerContext)
+
+
+def split_computations(process, spec) -> tuple:
+    """The computations a round runs as under several workers: its phases, or `process.next`."""
+    return tuple(spec.phase_computations) or (process.next,)
+
+
+def next_round(
+    process, spec, state: Any, values: list, *, by_phase: Optional[bool] = None
+) -> tuple[Any, Any]:
+    """One round on client `values`: `(state, metrics)`, as `process.next` or phase by phase.
+
+    Args:
+      by_phase: Run a several-phase round as its phase computations (module docstring). None:
+        when the execution context splits clients among workers.
+    """
+    if by_phase is None:
+        by_phase = splits_clients()
+    if not (by_phase and spec.phase_computations):
+        output = process.next(state, values)
+        return output.state, output.metrics
+    metrics = collections.OrderedDict()
+    for phase in spec.phase_computations:
+        state, phase_metrics = phase(state, values)
+        metrics.update(phase_metrics)
+    return state, metrics
+
+
 def run_round(
     process: tff.learning.templates.LearningProcess,
     spec,
@@ -62,6 +102,8 @@ def run_round(
     state: Any,
     round_num: int,
     clients_per_round: int,
+    *,
+    by_phase: Optional[bool] = None,
 ) -> RoundResult:
     """Trains round `round_num` from `state`.
 
@@ -72,13 +114,15 @@ def run_round(
       state: The state after round `round_num - 1`.
       round_num: The round to train, from 1.
       clients_per_round: Training clients sampled for the round.
+      by_phase: As in `next_round`.
 
     Returns:
       A `RoundResult`.
     """
     ids = round_client_ids(task, clients_per_round, round_num)
-    output = process.next(state, round_values(task, spec, ids, round_num))
-    return RoundResult(round_num, output.state, output.metrics, ids)
+    values = round_values(task, spec, ids, round_num)
+    state, metrics = next_round(process, spec, state, values, by_phase=by_phase)
+    return RoundResult(round_num, state, metrics, ids)
 
 
 class MultiRound:

@@ -15,6 +15,17 @@ TFF's default runtime (`tff.backends.native.set_sync_local_cpp_execution_context
   several such workers, each with that same stack (`mfl_tff.training.multi_worker` says what can
   run that way and what cannot).
 
+Secure sums. TFF's C++ runtime has no implementation of `tff.federated_secure_sum_bitwidth` and the
+other secure intrinsics (`tff.learning.secure_aggregator`, the `secure` aggregator of
+`mfl_tff.algorithms.aggregation`). `local_execution(simulate_secure_sums=True)` and
+`remote_execution(target, ..., simulate_secure_sums=True)` (one worker) compile every computation
+the way TFF's test context (`tff.backends.test.create_sync_test_cpp_execution_context`) does:
+`tff.backends.test.replace_secure_intrinsics_with_bodies` first, which replaces each secure sum by
+a plain `federated_aggregate` that checks each client's value against the sum's bound, then TFF's
+native compiler. That is a simulation: no cryptography, and the worker sees every client's value.
+Without the option, a computation holding a secure intrinsic raises `SecureSumsNotSimulatedError`
+before it reaches the worker.
+
 Typical use::
 
     with runtime.local_execution(log_path="output/worker.log"):
@@ -36,6 +47,7 @@ from typing import Optional, Union
 
 import grpc
 import tensorflow_federated as tff
+from tensorflow_federated.python.core.impl.compiler import building_blocks, tree_analysis
 
 from mfl_tff.training import computation_cache, multi_worker
 from mfl_tff.training.worker import (  # noqa: F401  (re-exported: the runtime's public API)
@@ -53,16 +65,66 @@ from mfl_tff.training.worker import (  # noqa: F401  (re-exported: the runtime's
 )
 
 __all__ = [
+    "SecureSumsNotSimulatedError",
     "WorkerService",
     "create_execution_context",
     "create_multi_worker_context",
     "live_worker_pids",
     "local_execution",
     "remote_execution",
+    "secure_intrinsics",
     "stop_all_workers",
     "wait_for_worker",
     "worker_binary_path",
 ]
+
+
+# The URIs of TFF's secure intrinsics all start with this (`federated_secure_sum`,
+# `federated_secure_sum_bitwidth`, `federated_secure_modular_sum`, `federated_secure_select`).
+_SECURE_URI_PREFIX = "federated_secure_"
+
+
+class SecureSumsNotSimulatedError(ValueError):
+    """A computation with secure intrinsics was run without `simulate_secure_sums=True`."""
+
+
+def secure_intrinsics(comp: tff.Computation) -> list[str]:
+    """The URIs of the secure intrinsics (`tff.federated_secure_sum_bitwidth`, ...) in `comp`,
+    sorted, each once; empty if it has none."""
+    found = set()
+
+    def record(block) -> None:
+        if isinstance(block, building_blocks.Intrinsic) and block.uri.startswith(
+            _SECURE_URI_PREFIX
+        ):
+            found.add(block.uri)
+
+    tree_analysis.visit_postorder(comp.to_building_block(), record)
+    return sorted(found)
+
+
+def _compiler(simulate_secure_sums: bool) -> Callable[[tff.Computation], tff.Computation]:
+    """The compiler of the runtime's executors: TFF's native compiler, after TFF's test backend's
+    replacement of secure intrinsics with plain sums when `simulate_secure_sums`, else after a
+    check that refuses secure intrinsics with a message naming the option."""
+    native = tff.backends.native.desugar_and_transform_to_native
+    if simulate_secure_sums:
+        # Exactly what TFF's test execution context compiles with (tensorflow_federated/python/
+        # core/backends/test/execution_contexts.py, `_compile`).
+        return lambda comp: native(tff.backends.test.replace_secure_intrinsics_with_bodies(comp))
+
+    def compile_refusing_secure_sums(comp: tff.Computation) -> tff.Computation:
+        found = secure_intrinsics(comp)
+        if found:
+            raise SecureSumsNotSimulatedError(
+                f"This computation uses secure summation ({', '.join(found)}), which TFF's C++ "
+                "runtime does not implement; run it under runtime.local_execution("
+                "simulate_secure_sums=True) (or remote_execution with one worker and "
+                "simulate_secure_sums=True), which simulates each secure sum as a plain sum."
+            )
+        return native(comp)
+
+    return compile_refusing_secure_sums
 
 
 def _executor_factory(
@@ -105,13 +167,12 @@ def _build_context(
     default_num_clients: int,
     connect_timeout_s: float,
     check_alive: Optional[Callable[[], None]] = None,
+    simulate_secure_sums: bool = False,
 ) -> tuple[tff.framework.SyncExecutionContext, grpc.Channel]:
     """Builds the context of `create_execution_context` and returns it with its channel."""
     # TFF's native compiler runs in the executors, once per computation, and each computation is
     # sent to the worker once (`mfl_tff.training.computation_cache`; TFF resends it every call).
-    compilations = computation_cache.CompilationCache(
-        tff.backends.native.desugar_and_transform_to_native
-    )
+    compilations = computation_cache.CompilationCache(_compiler(simulate_secure_sums))
     factory, channel = _executor_factory(
         target,
         compilations,
@@ -129,7 +190,11 @@ def _build_context(
 
 
 def create_execution_context(
-    target: str, *, default_num_clients: int = 0, connect_timeout_s: float = 60.0
+    target: str,
+    *,
+    default_num_clients: int = 0,
+    connect_timeout_s: float = 60.0,
+    simulate_secure_sums: bool = False,
 ) -> tff.framework.SyncExecutionContext:
     """Returns a synchronous TFF execution context that runs computations on a worker at `target`.
 
@@ -144,13 +209,19 @@ def create_execution_context(
             it (as TFF's `default_num_clients`).
         connect_timeout_s: How long a computation waits for the worker to be reachable before
             raising `ConnectionError` (instead of TFF's endless retries).
+        simulate_secure_sums: Replace secure sums by plain sums, as TFF's test context does (see
+            the module docstring). Without it, a computation with secure sums raises
+            `SecureSumsNotSimulatedError`.
 
     Returns:
         A `tff.framework.SyncExecutionContext`, to be installed with
         `tff.framework.get_context_stack().install(...)` or `set_default_context(...)`.
     """
     context, _ = _build_context(
-        target, default_num_clients=default_num_clients, connect_timeout_s=connect_timeout_s
+        target,
+        default_num_clients=default_num_clients,
+        connect_timeout_s=connect_timeout_s,
+        simulate_secure_sums=simulate_secure_sums,
     )
     return context
 
@@ -159,7 +230,8 @@ class _SharedCompilations(computation_cache.CompilationCache):
     """A `CompilationCache` that the workers' threads of a `MultiWorkerContext` share safely."""
 
     def __init__(self) -> None:
-        super().__init__(tff.backends.native.desugar_and_transform_to_native)
+        # Secure sums are refused (not simulated) on several workers.
+        super().__init__(_compiler(simulate_secure_sums=False))
         self._lock = threading.Lock()
 
     def compile(self, comp: tff.Computation) -> tff.Computation:
@@ -204,6 +276,7 @@ def local_execution(
     default_num_clients: int = 0,
     startup_timeout_s: float = 60.0,
     stop_timeout_s: float = 10.0,
+    simulate_secure_sums: bool = False,
 ) -> Iterator[WorkerService]:
     """Runs the TFF computations of the block on a worker started for it, and stops it after.
 
@@ -218,6 +291,9 @@ def local_execution(
         default_num_clients: See `create_execution_context`.
         startup_timeout_s: See `WorkerService`.
         stop_timeout_s: See `WorkerService`.
+        simulate_secure_sums: Run computations with secure sums (`tff.learning.secure_aggregator`)
+            by replacing each secure sum with a plain sum, as TFF's test context does: a
+            simulation without cryptography (see the module docstring).
 
     Yields:
         The running `WorkerService`.
@@ -231,6 +307,7 @@ def local_execution(
             # The worker is local and already serving; if it stops answering, it has died.
             connect_timeout_s=startup_timeout_s,
             check_alive=service.check_alive,
+            simulate_secure_sums=simulate_secure_sums,
         )
         try:
             with tff.framework.get_context_stack().install(context):
@@ -241,7 +318,11 @@ def local_execution(
 
 @contextlib.contextmanager
 def remote_execution(
-    target: Union[str, Sequence[str]], *, timeout_s: float, default_num_clients: int = 0
+    target: Union[str, Sequence[str]],
+    *,
+    timeout_s: float,
+    default_num_clients: int = 0,
+    simulate_secure_sums: bool = False,
 ) -> Iterator[tff.framework.SyncContext]:
     """Runs the TFF computations of the block on already running workers.
 
@@ -260,22 +341,32 @@ def remote_execution(
         timeout_s: How long to wait for each worker to answer, on entry and whenever a
             computation needs a new connection.
         default_num_clients: See `create_execution_context`.
+        simulate_secure_sums: See `local_execution`; one worker only.
 
     Yields:
         The installed execution context (a `multi_worker.MultiWorkerContext` for several
         workers).
 
     Raises:
-        ValueError: Naming a target that is not "HOST:PORT", or one listed twice.
+        ValueError: Naming a target that is not "HOST:PORT", or one listed twice; or
+            `simulate_secure_sums` with several workers.
         ConnectionError: Naming the first target where nothing answers gRPC within `timeout_s`.
     """
     targets = [target] if isinstance(target, str) else multi_worker.parse_targets(target)
+    if simulate_secure_sums and len(targets) > 1:
+        raise ValueError(
+            "simulate_secure_sums runs on one worker only (secure sums are not simulated across "
+            f"several workers); pass one target, not {len(targets)}."
+        )
     if len(targets) == 1:
         # One worker: exactly the single-worker path, as for a plain string.
         (target,) = targets
         wait_for_worker(target, timeout_s)
         context, channel = _build_context(
-            target, default_num_clients=default_num_clients, connect_timeout_s=timeout_s
+            target,
+            default_num_clients=default_num_clients,
+            connect_timeout_s=timeout_s,
+            simulate_secure_sums=simulate_secure_sums,
         )
         try:
             with tff.framework.get_context_stack().install(context):
