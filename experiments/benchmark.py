@@ -108,8 +108,8 @@ _END_TO_END_FLAGS = flags.DEFINE_list(
 _WORKERS_CLIENTS = flags.DEFINE_list(
     "workers_clients",
     ["20", "100"],
-    "Clients per round of the several-workers section (digits_fewshot, 1 and 2 loopback "
-    "workers); empty: skip.",
+    "Clients per round of the several-workers section (digits_fewshot, data sent and built on "
+    "the workers, 1 and 2 loopback workers); empty: skip.",
 )
 _WORKERS_ALGORITHMS = flags.DEFINE_list(
     "workers_algorithms", ["fedavg", "mfl"], "Algorithms of the several-workers section."
@@ -420,9 +420,12 @@ def _workers() -> list:
     """Round time, driver bytes and CPU per worker with 1 and 2 loopback workers."""
     if not _WORKERS_CLIENTS.value:
         return []
-    task = registry.get_task("digits_fewshot", seed=_SEED.value)
+    tasks = {
+        data: registry.get_task("digits_fewshot", seed=_SEED.value, data_on_workers=on_workers)
+        for data, on_workers in (("sent", False), ("on workers", True))
+    }
     clients = [int(n) for n in _WORKERS_CLIENTS.value]
-    return worker_scaling.run(task, _WORKERS_ALGORITHMS.value, clients)
+    return worker_scaling.run(tasks, _WORKERS_ALGORITHMS.value, clients)
 
 
 def main(argv: list[str]) -> None:

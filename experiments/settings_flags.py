@@ -1,8 +1,9 @@
 """The hyperparameter flags that `compare.py` and `quality.py` share, filled from the task.
 
 Each flag is named like the `mfl_tff.data.TaskSettings` field it fills; left empty, it takes the
-task's own setting (`settings(task)`). The data flags --shots and --label_noise are task options
-(`task_options()`), and the meta-model flags fill `AlgorithmOptions` (`algorithm_flags()`).
+task's own setting (`settings(task)`). The data flags --shots, --label_noise and --data_on_workers
+are task options (`task_options()`), and the meta-model flags fill `AlgorithmOptions`
+(`algorithm_flags()`).
 `check()` and `check_task()` give the one-line errors the binaries print, and `parse_flags` turns
 absl's own parse errors into one line too; each ends the binary with exit status 2.
 """
@@ -75,6 +76,13 @@ LABEL_NOISE = flags.DEFINE_string(
     "query targets stay noise-free): S, or LO:HI for each client to draw its own from U[LO, HI]; "
     "empty: 0.",
 )
+DATA_ON_WORKERS = flags.DEFINE_bool(
+    "data_on_workers",
+    False,
+    "Send clients as int32 row indices into the task's pool of examples, which travels once "
+    "inside the computation, and gather the features on the worker(s); same results. Only "
+    "digits and digits_fewshot; see the README's 'Several workers'.",
+)
 META_MODEL = flags.DEFINE_enum(
     "meta_model",
     "rates",
@@ -131,6 +139,8 @@ def task_options() -> dict[str, Any]:
         options["shots"] = settings_lib.parse_shots(SHOTS.value)
     if LABEL_NOISE.value is not None:
         options["label_noise"] = settings_lib.parse_noise(LABEL_NOISE.value)
+    if DATA_ON_WORKERS.value:
+        options["data_on_workers"] = True
     return options
 
 
@@ -155,26 +165,39 @@ def describe_algorithm() -> str:
 
 
 def describe_data() -> str:
-    """'label_noise=...' when --label_noise is given, else '' (shots are in the settings)."""
+    """'label_noise=...' when --label_noise is given and 'data_on_workers' when set, else ''
+    (shots are in the settings)."""
     noise = task_options().get("label_noise")
-    return "" if noise is None else f"label_noise={settings_lib.format_range(noise)}"
+    words = [] if noise is None else [f"label_noise={settings_lib.format_range(noise)}"]
+    return " ".join(words + (["data_on_workers"] if DATA_ON_WORKERS.value else []))
+
+
+def _takers(option: str) -> str:
+    return ", ".join(n for n in registry.task_names() if option in registry.task_options(n))
 
 
 def check_task(task_name: str) -> Optional[str]:
     """The one-line problem with the data flags for `task_name`, or None.
 
     --label_noise on a task without label noise is an error, not a note: dropping it silently
-    would train on clean data.
+    would train on clean data. So is --data_on_workers on a task whose clients are not rows of
+    one pool: dropping it would silently send every client's features.
     """
-    if LABEL_NOISE.value is None or task_name not in registry.task_names():
+    if task_name not in registry.task_names():
         return None
-    if "label_noise" in registry.task_options(task_name):
-        return None
-    takers = [n for n in registry.task_names() if "label_noise" in registry.task_options(n)]
-    return (
-        f"--label_noise does not apply to --task={task_name} (only to {', '.join(takers)}); drop "
-        "--label_noise."
-    )
+    options = registry.task_options(task_name)
+    if LABEL_NOISE.value is not None and "label_noise" not in options:
+        return (
+            f"--label_noise does not apply to --task={task_name} (only to "
+            f"{_takers('label_noise')}); drop --label_noise."
+        )
+    if DATA_ON_WORKERS.value and "data_on_workers" not in options:
+        return (
+            f"--data_on_workers does not apply to --task={task_name}, whose clients are not rows "
+            f"of one shared pool of examples (only to {_takers('data_on_workers')}); drop "
+            "--data_on_workers."
+        )
+    return None
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -363,6 +363,7 @@ def _build_task() -> FederatedTask:
         "dirichlet_concentration": cfg.DIRICHLET.value,
         "model": cfg.MODEL.value,
         "data_cache_dir": cfg.DATA_CACHE_DIR.value,
+        "data_on_workers": cfg.DATA_ON_WORKERS.value or None,
     }
     # Unset flags leave the task's own defaults in place.
     options = {k: v for k, v in options.items() if v is not None}
@@ -373,6 +374,14 @@ def _build_task() -> FederatedTask:
         raise cfg.UsageError(
             f"--label_noise does not apply to --task={cfg.TASK.value} (only to "
             f"{', '.join(takers)}); drop --label_noise."
+        )
+    # Ignored, it would silently send every client's features again: refused, as label noise is.
+    if "data_on_workers" in options and "data_on_workers" not in accepted:
+        takers = [n for n in registry.task_names() if "data_on_workers" in registry.task_options(n)]
+        raise cfg.UsageError(
+            f"--data_on_workers does not apply to --task={cfg.TASK.value}, whose clients are not "
+            f"rows of one shared pool of examples (only to {', '.join(takers)}); drop "
+            "--data_on_workers."
         )
     for name in sorted(set(options) - accepted):
         if flags.FLAGS[name].present:

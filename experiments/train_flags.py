@@ -191,6 +191,14 @@ LABEL_NOISE = flags.DEFINE_string(
     "and training clients' query; held-out query targets stay noise-free): S, or LO:HI for each "
     "client to draw its own from U[LO, HI]; empty: 0 (no noise).",
 )
+DATA_ON_WORKERS = flags.DEFINE_bool(
+    "data_on_workers",
+    False,
+    "Send each round's clients as int32 row indices into the task's pool of examples, which "
+    "travels once inside the computation, and gather the features on the worker(s) (same "
+    "results, fewer bytes per round). Only for tasks whose clients are rows of one shared pool: "
+    "digits, digits_fewshot. See the README's 'Several workers'.",
+)
 DIRICHLET = flags.DEFINE_float(
     "dirichlet_concentration", None, "digits: label skew, smaller is more skewed; empty: 0.5."
 )
@@ -277,6 +285,8 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "worker",
         "worker_timeout",
         "cohort_size",
+        # Where features are gathered, not which: the same clients and results either way.
+        "data_on_workers",
         "verbose",
     }
 )

@@ -13,8 +13,10 @@ client data packed before the clock starts. Reported per round:
 
 The workers of one machine share its cores, so the times of several loopback workers say what
 the split costs, not what several machines gain: the CPU per worker is the number to read (see
-the README's "Several workers" for what it predicts). Data travels from the driver for every
-task: building client data on the workers is not implemented.
+the README's "Several workers" for what it predicts). `data`: `sent` packs every client's
+tensors on the driver; `on workers` (`data_on_workers=True`, digits tasks) sends row indices and
+the workers gather the images from the pool their computation carries (sent once with the
+computation, not counted per round).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def measure(
     task,
     algorithm: str,
     *,
+    data: str = "sent",
     clients_per_round: int,
     num_workers: int,
     rounds_timed: int = 10,
@@ -89,6 +92,7 @@ def measure(
     sent = [driver_bytes_per_round(process, spec, v, num_workers) for v in round_values]
     return collections.OrderedDict(
         algorithm=algorithm,
+        data=data,
         clients_per_round=clients_per_round,
         workers=num_workers,
         ms_per_round=1000 * statistics.median(times),
@@ -99,7 +103,7 @@ def measure(
 
 
 def run(
-    task,
+    tasks: dict,
     algorithms: Sequence[str],
     clients: Sequence[int],
     workers: Sequence[int] = (1, 2),
@@ -107,33 +111,39 @@ def run(
     rounds_timed: int = 10,
     log=print,
 ) -> list:
-    """The rows for every (algorithm, clients per round, workers)."""
+    """The rows for every (algorithm, clients per round, data placement, workers).
+
+    Args:
+      tasks: `{data label: task}`, e.g. `{"sent": task, "on workers": pool_task}`.
+    """
     rows = []
     for algorithm in algorithms:
         for n in clients:
-            for num_workers in workers:
-                log(f"Workers: {algorithm}, {n} clients, {num_workers} worker(s) ...")
-                rows.append(
-                    measure(
-                        task,
-                        algorithm,
-                        clients_per_round=n,
-                        num_workers=num_workers,
-                        rounds_timed=rounds_timed,
+            for data, task in tasks.items():
+                for num_workers in workers:
+                    log(f"Workers: {algorithm}, {n} clients, data {data}, {num_workers} worker(s)")
+                    rows.append(
+                        measure(
+                            task,
+                            algorithm,
+                            data=data,
+                            clients_per_round=n,
+                            num_workers=num_workers,
+                            rounds_timed=rounds_timed,
+                        )
                     )
-                )
     return rows
 
 
 def format_rows(rows: Sequence[dict]) -> str:
     lines = [
-        "| algorithm | clients | workers | ms/round | driver MB/round | driver CPU ms/round | "
-        "worker CPU ms/round (each) |",
-        "|---|---|---|---|---|---|---|",
+        "| algorithm | clients | data | workers | ms/round | driver MB/round | driver CPU ms/round "
+        "| worker CPU ms/round (each) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['algorithm']} | {r['clients_per_round']} | {r['workers']} | "
+            f"| {r['algorithm']} | {r['clients_per_round']} | {r['data']} | {r['workers']} | "
             f"{r['ms_per_round']:.0f} | {r['driver_mb_per_round']:.3f} | "
             f"{r['driver_cpu_ms_per_round']:.0f} | "
             f"{' / '.join(f'{c:.0f}' for c in r['worker_cpu_ms_per_round'])} |"

@@ -185,3 +185,54 @@ def test_client_work_with_two_server_arguments_and_a_cohort(tff_local_execution)
 def test_three_server_arguments_are_refused():
     with pytest.raises(ValueError, match="1 or 2 server arguments"):
         client_work.build_client_computation(scaled_client_fn, (WEIGHTS_TYPE,) * 3, DATA_TYPE)
+
+
+# Pool mode: clients' x are row indices into a pool the computation carries.
+
+POOL = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3) + 1.0  # no row is all zeros
+
+
+def _indexed_part(x, mask):
+    x = np.asarray(x, np.int32)
+    return collections.OrderedDict(x=x, y=x % 2, mask=np.asarray(mask, np.float32))
+
+
+def test_gather_features_takes_pool_rows_under_any_leading_axes_and_zeroes_padding():
+    # A cohort of 2 clients, 1 batch of 3 slots each; the second client's last slot is padding.
+    part = _indexed_part([[[4, 0, 2]], [[1, 3, 0]]], [[[1, 1, 1]], [[1, 1, 0]]])
+    data = collections.OrderedDict(support=part, query=part)
+    gathered = client_work.gather_features(data, POOL)
+    assert list(gathered) == ["support", "query"]
+    x = gathered["support"]["x"].numpy()
+    assert x.shape == (2, 1, 3, 2, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0, 0], POOL[[4, 0, 2]])
+    np.testing.assert_array_equal(x[1, 0, :2], POOL[[1, 3]])
+    np.testing.assert_array_equal(x[1, 0, 2], np.zeros((2, 3)))
+    for key in ("y", "mask"):
+        np.testing.assert_array_equal(gathered["query"][key], part[key])
+    assert client_work.gather_features(data, None) is data
+
+
+def test_client_computation_carries_the_pool_and_takes_only_indices(tff_local_execution):
+    part_type = tff.types.to_type(
+        collections.OrderedDict(
+            x=(np.int32, (1, 2)), y=(np.int32, (1, 2)), mask=(np.float32, (1, 2))
+        )
+    )
+    data_type = tff.types.to_type(collections.OrderedDict(support=part_type, query=part_type))
+
+    def client_fn(weights, data):
+        # The update is the masked sum of the support features, seen by the algorithm's code.
+        total = tf.reduce_sum(data["support"]["x"])
+        return client_work.client_output(
+            tf.nest.map_structure(lambda w: total * w, weights), 1.0, collections.OrderedDict()
+        )
+
+    computation = client_work.build_client_computation(
+        client_fn, (WEIGHTS_TYPE,), data_type, feature_pool=POOL
+    )
+    # No argument for the pool: it is a constant of the computation, which runs on the worker.
+    assert computation.type_signature.parameter[1] == data_type
+    part = _indexed_part([[3, 1]], [[1, 1]])
+    out = computation(np.ones(2, np.float32), collections.OrderedDict(support=part, query=part))
+    np.testing.assert_allclose(out["update"], [POOL[[3, 1]].sum()] * 2)

@@ -47,9 +47,28 @@ def task():
     return registry.get_task("sinusoid", seed=3)
 
 
+# Few-shot digits with their images on the workers (`data_on_workers`): the driver sends indices,
+# each worker gathers its clients' images. In cohorts, one per worker. Its one-machine reference
+# is the default task, whose driver sends the images.
+ON_WORKERS = "fedavg_data_on_workers"
+ON_WORKERS_OPTIONS = builders.AlgorithmOptions(cohort_size=CLIENTS_PER_ROUND // 2)
+
+
 @pytest.fixture(scope="module")
-def built(task) -> dict:
-    return {name: builders.build_algorithm(name, task) for name in ("fedavg", "meta_sgd", "mfl")}
+def fewshot() -> tuple:
+    """digits_fewshot by default and with its data on the workers."""
+    options = dict(num_train_clients=40, num_eval_clients=2)
+    return (
+        registry.get_task("digits_fewshot", **options),
+        registry.get_task("digits_fewshot", data_on_workers=True, **options),
+    )
+
+
+@pytest.fixture(scope="module")
+def built(task, fewshot) -> dict:
+    built = {name: builders.build_algorithm(name, task) for name in ("fedavg", "meta_sgd", "mfl")}
+    built[ON_WORKERS] = builders.build_algorithm("fedavg", fewshot[1], ON_WORKERS_OPTIONS)
+    return built
 
 
 def _train(process, spec, task, state=None, first: int = 1):
@@ -65,13 +84,17 @@ def _train(process, spec, task, state=None, first: int = 1):
 
 
 @pytest.fixture(scope="module")
-def one_machine(built, task) -> dict:
+def one_machine(built, task, fewshot) -> dict:
     """The final (model, alpha) of each algorithm trained on one local worker."""
     with runtime.local_execution():
-        return {
+        want = {
             name: testing.model_and_alpha(process, _train(process, spec, task))
             for name, (process, spec) in built.items()
+            if name != ON_WORKERS
         }
+        process, spec = builders.build_algorithm("fedavg", fewshot[0], ON_WORKERS_OPTIONS)
+        want[ON_WORKERS] = testing.model_and_alpha(process, _train(process, spec, fewshot[0]))
+        return want
 
 
 def _assert_equal_to(want, process, state) -> float:
@@ -84,15 +107,15 @@ def _assert_equal_to(want, process, state) -> float:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", ["fedavg", "meta_sgd", "mfl"])
-def test_two_workers_equal_one_machine(name, workers, built, task, one_machine):
+@pytest.mark.parametrize("name", ["fedavg", "meta_sgd", "mfl", ON_WORKERS])
+def test_two_workers_equal_one_machine(name, workers, built, task, fewshot, one_machine):
     # mfl's round aggregates twice, the second time on the first's result: under several
     # workers it runs as its two phase computations (`rounds.next_round`), each split.
     process, spec = built[name]
     targets = [service.target for service in workers]
     with runtime.remote_execution(targets, timeout_s=TIMEOUT_S) as context:
         assert isinstance(context, multi_worker.MultiWorkerContext)
-        state = _train(process, spec, task)
+        state = _train(process, spec, fewshot[1] if name == ON_WORKERS else task)
         calls = context.calls_per_worker
     worst = _assert_equal_to(one_machine[name], process, state)
     print(f"{name}: max |two workers - one machine| = {worst:.3g}; calls per worker {calls}")

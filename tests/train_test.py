@@ -80,6 +80,7 @@ CONTRACT_FLAGS = (
     "client_optimizer",
     "inner_clip_norm",
     "meta_clip_norm",
+    "data_on_workers",
 )
 
 
@@ -317,6 +318,11 @@ BAD_INPUT = {
     # The default task, digits_fewshot, takes no label noise: an error, not an ignored flag.
     "label_noise_on_digits_fewshot": (("--label_noise=0.1",), "drop --label_noise"),
     "shot_range_on_dirichlet_digits": (("--task=digits", "--shots=2:5"), "--task=digits"),
+    # Sinusoid's clients are generated on the driver, not rows of one pool: refused, not ignored.
+    "data_on_workers_on_sinusoid": (
+        ("--task=sinusoid", "--data_on_workers"),
+        "--data_on_workers does not apply to --task=sinusoid",
+    ),
     "unknown_meta_model": (("--meta_model=nope",), "meta_model"),
     "unknown_client_optimizer": (("--client_optimizer=adam",), "client_optimizer"),
     "negative_inner_clip_norm": (("--inner_clip_norm=-1",), "--inner_clip_norm"),
@@ -474,6 +480,12 @@ def test_shot_range_label_noise_and_meta_model_flags_reach_the_task_and_the_opti
     assert len(sizes) > 5
     assert (options.meta_model, options.client_optimizer) == ("per_step", "momentum")
     assert (options.inner_clip_norm, options.meta_clip_norm) == (0.0, 2.5)
+
+
+def test_data_on_workers_reaches_the_task(tmp_path, capsys, monkeypatch):
+    argv = ["--data_on_workers", "--num_train_clients=30", "--num_eval_clients=3"]
+    task, _, _ = _built_in_process(argv, tmp_path, capsys, monkeypatch)
+    assert task.name == "digits_fewshot" and task.data_on_workers
 
 
 def test_meta_model_flags_default_to_the_algorithms_defaults(tmp_path, capsys, monkeypatch):

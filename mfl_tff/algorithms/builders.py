@@ -71,8 +71,13 @@ def build_algorithm(
     """
     record = catalog.get(name)
     options = options or AlgorithmOptions()
+    # A task in pool mode sends indices; the client work gathers its features on the worker.
     process, parts = composer.compose_with_parts(
-        record, task.model_fn, task.client_data_type(), options
+        record,
+        task.model_fn,
+        task.client_data_type(),
+        options,
+        feature_pool=getattr(task, "feature_pool", None),
     )
     spec = AlgorithmSpec(
         name=name,

@@ -211,12 +211,16 @@ def compose(
     model_fn,
     client_data_type: tff.Type,
     options: Optional[AlgorithmOptions] = None,
+    *,
+    feature_pool: Optional[np.ndarray] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds `algorithm` as a LearningProcess over packed clients of `client_data_type`.
 
     The same as `compose_with_parts(...)[0]`; its arguments, result and errors are those.
     """
-    return compose_with_parts(algorithm, model_fn, client_data_type, options)[0]
+    return compose_with_parts(
+        algorithm, model_fn, client_data_type, options, feature_pool=feature_pool
+    )[0]
 
 
 def compose_with_parts(
@@ -224,6 +228,8 @@ def compose_with_parts(
     model_fn,
     client_data_type: tff.Type,
     options: Optional[AlgorithmOptions] = None,
+    *,
+    feature_pool: Optional[np.ndarray] = None,
 ) -> tuple[tff.learning.templates.LearningProcess, dict]:
     """Builds `algorithm` as a LearningProcess, with the parts that measure and split its round.
 
@@ -233,6 +239,8 @@ def compose_with_parts(
         `loss` and metric are what clients train and report).
       client_data_type: TFF type of one packed client (`FederatedTask.client_data_type()`).
       options: `AlgorithmOptions` (None: the defaults).
+      feature_pool: The task's `feature_pool` (pool mode: clients' `x` are indices into it,
+        gathered in the client work on the worker; `client_work.gather_features`), or None.
 
     Returns:
       `(process, parts)`: a `tff.learning.templates.LearningProcess` and its `RoundParts`.
@@ -289,6 +297,7 @@ def compose_with_parts(
             (weights_type, meta_type) if phase.takes_meta else (weights_type,),
             client_data_type,
             cohort_size=options.cohort_size,
+            feature_pool=feature_pool,
         )
         for phase in phases
     )

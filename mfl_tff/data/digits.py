@@ -6,6 +6,10 @@
   labels 0..ways-1, so no single global model is right for every client. Training and held-out
   clients draw from disjoint image pools; clients are generated from their id, so the supply is
   unbounded and any client is reproducible.
+
+Both take `data_on_workers=True` (pool mode, `FederatedTask.feature_pool`): every client is then
+the same draws as by default, with `x` the int32 indices of its images in `load_digits()`, which
+becomes the task's feature pool; the computations gather the images on the worker.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def build_digits(
     max_batches: int = 4,
     model: str = "mlp",
     seed: int = 0,
+    data_on_workers: bool = False,
 ) -> FederatedTask:
     """Digits split across clients with Dirichlet(`dirichlet_concentration`) label skew.
 
@@ -102,6 +107,8 @@ def build_digits(
       max_batches: Cap on batches for support and for query (bounds padding and local steps).
       model: 'mlp' (64-64) or 'cnn'.
       seed: Seed of the partition, the packing and the initial model.
+      data_on_workers: Pool mode: clients hold image indices, the task all 1,797 images as its
+        `feature_pool` (the same clients, gathered on the worker).
     """
     check_positive(
         num_train_clients=num_train_clients,
@@ -124,7 +131,8 @@ def build_digits(
     clients = collections.OrderedDict()
     for i, idx in enumerate(parts):
         cid = f"train/{i:05d}" if i < num_train_clients else f"eval/{i - num_train_clients:05d}"
-        clients[cid] = collections.OrderedDict(x=images[idx], y=labels[idx])
+        x = idx.astype(np.int32) if data_on_workers else images[idx]
+        clients[cid] = collections.OrderedDict(x=x, y=labels[idx])
     train_ids = [c for c in clients if c.startswith("train/")]
     eval_ids = [c for c in clients if c.startswith("eval/")]
     return FederatedTask(
@@ -137,6 +145,7 @@ def build_digits(
         train_pack=packing.PackSpec(batch_size, max_batches, max_batches),
         seed=seed,
         settings=dataclasses.replace(DIGITS_SETTINGS, shots=shots),
+        feature_pool=images if data_on_workers else None,
     )
 
 
@@ -169,6 +178,7 @@ def _fewshot_client(
     shots: settings_lib.Shots,
     query_shots: int,
     seed: int,
+    data_on_workers: bool = False,
 ) -> collections.OrderedDict:
     images, labels = load_digits()
     num_shots = fewshot_shots(client_id, shots, seed)
@@ -182,7 +192,8 @@ def _fewshot_client(
     # Support first: the task's SplitSpec(shuffle=False) cuts exactly here.
     order = np.array([i for i, _ in support + query])
     local = np.array([lab for _, lab in support + query], dtype=np.int32)
-    return collections.OrderedDict(x=images[order], y=local)
+    x = order.astype(np.int32) if data_on_workers else images[order]
+    return collections.OrderedDict(x=x, y=local)
 
 
 def build_digits_fewshot(
@@ -194,6 +205,7 @@ def build_digits_fewshot(
     num_eval_clients: int = 500,
     model: str = "mlp",
     seed: int = 0,
+    data_on_workers: bool = False,
 ) -> FederatedTask:
     """N-way K-shot classification of real digits, one task per client.
 
@@ -207,6 +219,8 @@ def build_digits_fewshot(
       num_eval_clients: Held-out clients, drawn from images no training client sees.
       model: 'mlp' (64-64) or 'cnn'.
       seed: Seed of the pools, the clients, the packing and the initial model.
+      data_on_workers: Pool mode: clients hold image indices, the task all 1,797 images as its
+        `feature_pool` (the same clients, gathered on the worker).
     """
     shots = settings_lib.check_shots(shots)
     check_positive(
@@ -228,7 +242,12 @@ def build_digits_fewshot(
             "images of the rarest digit; lower them."
         )
     make = functools.partial(
-        _fewshot_client, ways=ways, shots=shots, query_shots=query_shots, seed=seed
+        _fewshot_client,
+        ways=ways,
+        shots=shots,
+        query_shots=query_shots,
+        seed=seed,
+        data_on_workers=data_on_workers,
     )
     train_ids = [f"train/{i:07d}" for i in range(num_train_clients)]
     eval_ids = [f"eval/{i:07d}" for i in range(num_eval_clients)]
@@ -248,4 +267,5 @@ def build_digits_fewshot(
         train_pack=packing.PackSpec(batch, 1, -(-ways * query_shots // batch)),
         seed=seed,
         settings=dataclasses.replace(FEWSHOT_SETTINGS, shots=shots),
+        feature_pool=load_digits()[0] if data_on_workers else None,
     )

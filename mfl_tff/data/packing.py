@@ -11,6 +11,11 @@ round fed datasets spends most of its time on per-dataset overhead (measured on 
 batches bound the padding when client sizes differ a lot; a client with more examples than the cap
 keeps a random subset of them (drawn from the client's own seed), so caps act like a local-step
 budget.
+
+Tasks whose clients are rows of one shared pool of examples can pack `x` as int32 row indices
+into that pool instead (`FederatedTask.feature_pool`, "pool mode"): the same split, shuffling and
+padding, with the client work gathering the features on the worker
+(`mfl_tff.algorithms.client_work.gather_features`).
 """
 
 from __future__ import annotations
@@ -90,12 +95,16 @@ def client_seed(seed: int, client_id: str) -> np.random.SeedSequence:
 
 
 def pack_examples(
-    x: np.ndarray, y: np.ndarray, num_batches: int, batch_size: int
+    x: np.ndarray, y: np.ndarray, num_batches: int, batch_size: int, x_dtype=np.float32
 ) -> collections.OrderedDict:
-    """Pads (or truncates) `x`, `y` to `num_batches * batch_size` rows and adds a mask."""
+    """Pads (or truncates) `x`, `y` to `num_batches * batch_size` rows and adds a mask.
+
+    `x` is packed as `x_dtype`: float32 features, or int32 row indices into a task's feature pool
+    (`FederatedTask.feature_pool`), whose padding rows are index 0 (the mask excludes them).
+    """
     capacity = num_batches * batch_size
     n = min(len(x), capacity)
-    x_out = np.zeros((capacity,) + x.shape[1:], dtype=np.float32)
+    x_out = np.zeros((capacity,) + x.shape[1:], dtype=x_dtype)
     y_out = np.zeros((capacity,) + y.shape[1:], dtype=y.dtype)
     mask = np.zeros((capacity,), dtype=np.float32)
     x_out[:n] = x[:n]
@@ -113,6 +122,7 @@ def pack_client(
     split: SplitSpec,
     pack: PackSpec,
     rng: np.random.Generator,
+    x_dtype=np.float32,
 ) -> collections.OrderedDict:
     """Splits one client's examples into support/query, shuffles each, and packs both.
 
@@ -121,6 +131,9 @@ def pack_client(
       split: How to split support from query.
       pack: Shapes to pack into.
       rng: The client's own generator (see `client_seed`).
+      x_dtype: The packed `x`'s dtype: float32 features, or int32 indices into a feature pool.
+        The random draws depend on the number of examples only, so a client packed as indices
+        is the same split and order as packed as the features they index.
 
     Returns:
       `OrderedDict(support=OrderedDict(x, y, mask), query=OrderedDict(x, y, mask))` of numpy arrays.
@@ -136,9 +149,11 @@ def pack_client(
     query_idx = rng.permutation(query_idx)
     return collections.OrderedDict(
         support=pack_examples(
-            x[support_idx], y[support_idx], pack.support_batches, pack.batch_size
+            x[support_idx], y[support_idx], pack.support_batches, pack.batch_size, x_dtype
         ),
-        query=pack_examples(x[query_idx], y[query_idx], pack.query_batches, pack.batch_size),
+        query=pack_examples(
+            x[query_idx], y[query_idx], pack.query_batches, pack.batch_size, x_dtype
+        ),
     )
 
 

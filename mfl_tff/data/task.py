@@ -3,13 +3,18 @@
 A task is what binaries and users pick by name. Its clients are `tff.simulation.datasets.ClientData`
 (train and held-out evaluation clients, disjoint), each client is packed ONCE into the padded-tensor
 format of `mfl_tff.data.packing`, and packed clients are cached so later rounds reuse them.
+
+A task with a `feature_pool` is in pool mode: its clients' `x` are int32 row indices into the pool,
+packed like features, and the computations built for it (`builders.build_algorithm`, the
+personalization evaluation) carry the pool as a constant and gather `pool[x]` on the worker, so the
+driver sends indices instead of features every round.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -48,6 +53,10 @@ class FederatedTask:
       cache_size: Most packed clients kept in memory (unbounded generated tasks can have millions).
       settings: The hyperparameters the task's protocol trains with; binaries fill their unset
         flags from them.
+      feature_pool: Pool mode (None: off): the features every client's examples are rows of,
+        e.g. [N, 8, 8] (kept as float32, as packed features are). The clients' `x` are then
+        integer indices into its first axis, packed as int32 [S, B] / [Q, B], and the client
+        work gathers `pool[x]` on the worker (`mfl_tff.algorithms.client_work.gather_features`).
     """
 
     name: str
@@ -62,6 +71,7 @@ class FederatedTask:
     seed: int = 0
     cache_size: int = 50_000
     settings: TaskSettings = dataclasses.field(default_factory=TaskSettings)
+    feature_pool: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
     _cache: collections.OrderedDict = dataclasses.field(
         default_factory=collections.OrderedDict, init=False, repr=False
     )
@@ -71,6 +81,8 @@ class FederatedTask:
             raise TypeError(f"settings must be a TaskSettings, got {type(self.settings).__name__}.")
         if self.problem not in PROBLEMS:
             raise ValueError(f"problem must be one of {PROBLEMS}, got {self.problem!r}.")
+        if self.feature_pool is not None:
+            self._check_feature_pool()
         self.eval_split = self.eval_split or self.train_split
         self.eval_pack = self.eval_pack or self.train_pack
         overlap = set(self.train_data.client_ids[:100_000]) & set(self.eval_data.client_ids)
@@ -80,10 +92,36 @@ class FederatedTask:
                 f"e.g. {sorted(overlap)[:3]}."
             )
 
+    def _check_feature_pool(self) -> None:
+        """Pool mode needs a non-empty pool and clients whose `x` are integer indices."""
+        # float32, as packing makes features (`packing.pack_examples`).
+        self.feature_pool = np.asarray(self.feature_pool, np.float32)
+        if self.feature_pool.ndim < 1 or not len(self.feature_pool):
+            raise ValueError(
+                f"feature_pool must hold at least one row, got shape {self.feature_pool.shape}."
+            )
+        for data in (self.train_data, self.eval_data):
+            spec = data.element_type_structure
+            x = spec.get("x") if isinstance(spec, Mapping) else None
+            if x is None or not x.dtype.is_integer or x.shape.rank != 0:
+                raise ValueError(
+                    "With a feature_pool, each client example's 'x' must be one integer row index "
+                    f"into the pool, got {x}."
+                )
+
+    @property
+    def data_on_workers(self) -> bool:
+        """Whether the task is in pool mode (the driver sends indices, workers gather features)."""
+        return self.feature_pool is not None
+
     @property
     def metric(self) -> str:
         """'accuracy' for classification, 'mse' for regression."""
         return "accuracy" if self.problem == "classification" else "mse"
+
+    @property
+    def _x_dtype(self):
+        return np.float32 if self.feature_pool is None else np.int32
 
     def _pack(
         self, which: str, client_id: str, round_num: Optional[int] = None
@@ -97,7 +135,7 @@ class FederatedTask:
             )
             pack = self.train_pack if which == "train" else self.eval_pack
             rng = np.random.default_rng(packing.client_seed(self.seed, tag))
-            return packing.pack_client(arrays, split, pack, rng)
+            return packing.pack_client(arrays, split, pack, rng, self._x_dtype)
         key = (which, client_id)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -107,7 +145,7 @@ class FederatedTask:
         pack = self.train_pack if which == "train" else self.eval_pack
         arrays = client_data_lib.client_arrays(data, client_id)
         rng = np.random.default_rng(packing.client_seed(self.seed, f"pack/{which}/{client_id}"))
-        packed = packing.pack_client(arrays, split, pack, rng)
+        packed = packing.pack_client(arrays, split, pack, rng, self._x_dtype)
         self._cache[key] = packed
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

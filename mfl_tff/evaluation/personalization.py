@@ -84,6 +84,7 @@ def build_personalization_eval(
     fine_tune_lr: float,
     guard_after: int,
     loop: Optional[meta_model.InnerLoop] = None,
+    feature_pool: Optional[np.ndarray] = None,
 ) -> tff.Computation:
     """Builds the personalization evaluation computation.
 
@@ -99,6 +100,8 @@ def build_personalization_eval(
       guard_after: Steps of the `own` rule after which divergence is guarded (its trained K).
       loop: The `own` rule's inner loop (meta-model, client optimizer, clipping) as trained;
         None: plain SGD with the rates.
+      feature_pool: The task's `feature_pool` in pool mode (clients' `x` are indices into it,
+        gathered on the worker by `client_work.gather_features`), or None.
 
     Returns:
       A computation `(model_weights@SERVER, alpha@SERVER, data@{CLIENTS}) ->
@@ -119,6 +122,7 @@ def build_personalization_eval(
     @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
     def client_eval(weights, alpha, data):
         trainable, non_trainable = tuple(weights.trainable), tuple(weights.non_trainable)
+        data = client_work.gather_features(data, feature_pool)
         own_loss, own_metric, own_rates = _curve(
             model,
             trainable,
