@@ -30,16 +30,13 @@ def rounds(task):
     return bm.pack_rounds(task, CLIENTS, ROUNDS)
 
 
-# The floor composes any record the same way; these two cases cover its paths: two phases, the
-# second seeing the alpha the first stepped (mfl), and one phase feeding both streams (meta_sgd).
-# A model-delta record (fedavg, reptile) differs only in its client function and server
-# optimizer; each further case costs 15-30 s of compilation the suite's time budget does not have.
+# The floor composes any record the same way; mfl covers its paths: two phases, both streams,
+# the second phase seeing the alpha the first stepped. A one-phase record (meta_sgd, fedavg,
+# reptile) differs only in its client function and server optimizer; each further case costs
+# 15-30 s of compilation the suite's time budget does not have.
 @pytest.mark.parametrize(
     "name, options",
-    [
-        ("mfl", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01)),
-        ("meta_sgd", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01)),
-    ],
+    [("mfl", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01))],
 )
 def test_floor_round_equals_our_process(task, rounds, name, options):
     floor = bm.TFFloor(name, task, options, rounds[0])

@@ -110,13 +110,6 @@ def test_mfl_broadcasts_alpha_twice_and_uploads_its_meta_gradient(build, shapes)
     assert cost.upload_bytes["meta"] == 4 * layers + 4
 
 
-def test_meta_sgd_per_coordinate_alpha_costs_a_second_model(build, shapes):
-    cost = _measure(build, "meta_sgd", cohort_size=3)
-    params = _params(shapes)
-    assert cost.download_bytes == 2 * 4 * params
-    assert cost.upload_bytes["meta"] == 4 * params + 4
-
-
 def test_quantized_updates_are_counted_after_encoding(build, shapes):
     quantized = tff.aggregators.MeanFactory(
         tff.aggregators.EncodedSumFactory.quantize_above_threshold(8, threshold=0)
@@ -142,6 +135,6 @@ def test_round_metrics_and_report_scale_with_clients_and_rounds():
 
 def test_streams_of_another_process_are_refused(build):
     process, _ = build("fedavg", cohort_size=3)
-    _, meta_sgd_spec = build("meta_sgd", cohort_size=3)
+    _, mfl_spec = build("mfl", alpha_granularity="per_layer")
     with pytest.raises(ValueError, match="built with"):
-        communication.measure(process, meta_sgd_spec.stream_aggregators)
+        communication.measure(process, mfl_spec.stream_aggregators)

@@ -66,7 +66,9 @@ def fewshot() -> tuple:
 
 @pytest.fixture(scope="module")
 def built(task, fewshot) -> dict:
-    built = {name: builders.build_algorithm(name, task) for name in ("fedavg", "meta_sgd", "mfl")}
+    # fedavg: one phase, one stream; mfl: two phases and both streams (meta_sgd's one phase
+    # feeding both streams goes through the same split and merge).
+    built = {name: builders.build_algorithm(name, task) for name in ("fedavg", "mfl")}
     built[ON_WORKERS] = builders.build_algorithm("fedavg", fewshot[1], ON_WORKERS_OPTIONS)
     return built
 
@@ -107,7 +109,7 @@ def _assert_equal_to(want, process, state) -> float:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", ["fedavg", "meta_sgd", "mfl", ON_WORKERS])
+@pytest.mark.parametrize("name", ["fedavg", "mfl", ON_WORKERS])
 def test_two_workers_equal_one_machine(name, workers, built, task, fewshot, one_machine):
     # mfl's round aggregates twice, the second time on the first's result: under several
     # workers it runs as its two phase computations (`rounds.next_round`), each split.
@@ -183,8 +185,13 @@ def test_dependent_aggregations_are_refused_not_run_on_one_worker(workers, built
         assert context.calls_per_worker[targets[1]] == 0
 
 
-def test_meta_sgd_round_compiles_to_mergeable_form(built):
-    multi_worker.check_mergeable(built["meta_sgd"][0].next)
+def test_mfl_round_splits_into_mergeable_phases(built):
+    process, spec = built["mfl"]
+    with pytest.raises(multi_worker.NotMergeableError):
+        multi_worker.check_mergeable(process.next)
+    assert len(spec.phase_computations) == 2
+    for phase in spec.phase_computations:
+        multi_worker.check_mergeable(phase)
 
 
 def test_unanswering_worker_is_named_before_anything_runs(workers):

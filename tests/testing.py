@@ -482,12 +482,13 @@ def copy_client(client):
     return tf.nest.map_structure(np.copy, client)
 
 
-# Options of the aggregator tests (aggregation_test.py, faults_test.py): server steps are SGD at
-# rate 1 (and mfl's meta step on alpha too), so a round moves the model and alpha by exactly minus
-# the aggregate.
+# Options of the aggregator tests (aggregation_test.py, faults_test.py,
+# secure_aggregation_test.py): server steps are SGD at rate 1 (and mfl's meta step on alpha too),
+# so a round moves the model and alpha by exactly minus the aggregate; one inner step keeps mfl's
+# second-order builds quick (aggregation does not depend on the step count).
 AGGREGATOR_TEST_OPTIONS = dict(
     inner_lr=0.4,
-    inner_steps=2,
+    inner_steps=1,
     meta_optimizer="sgd",
     meta_lr=1.0,
     server_optimizer="sgd",
