@@ -22,12 +22,9 @@ venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements.txt
-	$(PY) -m pip install -q --no-compile --no-deps $(TFF)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(TFF)
 	$(PY) -m pip install -q --no-deps -e .
-	@# --no-compile above skips byte-compiling every file of TF and TFF (about 30 s); importing
-	@# them once compiles just the modules the project uses, before tests start several at once.
-	$(PY) -c "import tensorflow_federated, sklearn, matplotlib.pyplot"
 	@# setuptools leaves its build metadata in the tree; the installed package does not need it.
 	@rm -rf mfl_tff.egg-info
 	@rm -f $(VENV)/.installed-*
