@@ -247,8 +247,7 @@ def _check_workers(targets: list[str], built: dict) -> None:
     if len(targets) > 1:
         for name, (process, spec) in built.items():
             try:
-                for computation in rounds.split_computations(process, spec):
-                    multi_worker.check_mergeable(computation)
+                rounds.check_splittable(process, spec)
             except multi_worker.NotMergeableError:
                 _fail(
                     f"--algorithms: a phase of {name}'s round aggregates twice, the second time "

@@ -145,8 +145,7 @@ def _check_several_workers(process: program.LearningProcess, spec) -> None:
     if len(cfg.workers()) < 2:
         return
     try:
-        for computation in rounds.split_computations(process, spec):
-            multi_worker.check_mergeable(computation)
+        rounds.check_splittable(process, spec)
     except multi_worker.NotMergeableError:
         raise cfg.UsageError(
             f"--algorithm={cfg.ALGORITHM.value}: a phase of its round aggregates twice, the "

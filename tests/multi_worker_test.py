@@ -192,6 +192,7 @@ def test_mfl_round_splits_into_mergeable_phases(built):
     assert len(spec.phase_computations) == 2
     for phase in spec.phase_computations:
         multi_worker.check_mergeable(phase)
+    rounds.check_splittable(process, spec)  # What the binaries check before training.
 
 
 def test_unanswering_worker_is_named_before_anything_runs(workers):

@@ -74,6 +74,12 @@ def split_computations(process, spec) -> tuple:
     return tuple(spec.phase_computations) or (process.next,)
 
 
+def check_splittable(process, spec) -> None:
+    """Raises `multi_worker.NotMergeableError` if several workers cannot share this round."""
+    for computation in split_computations(process, spec):
+        multi_worker.check_mergeable(computation)
+
+
 def next_round(
     process, spec, state: Any, values: list, *, by_phase: Optional[bool] = None
 ) -> tuple[Any, Any]:
