@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import client_work
+from mfl_tff.data import example_sources
 from mfl_tff.models import functional, keras_models
 
 
@@ -197,11 +198,11 @@ def _indexed_part(x, mask):
     return collections.OrderedDict(x=x, y=x % 2, mask=np.asarray(mask, np.float32))
 
 
-def test_gather_features_takes_pool_rows_under_any_leading_axes_and_zeroes_padding():
+def test_build_on_worker_takes_pool_rows_under_any_leading_axes_and_zeroes_padding():
     # A cohort of 2 clients, 1 batch of 3 slots each; the second client's last slot is padding.
     part = _indexed_part([[[4, 0, 2]], [[1, 3, 0]]], [[[1, 1, 1]], [[1, 1, 0]]])
     data = collections.OrderedDict(support=part, query=part)
-    gathered = client_work.gather_features(data, POOL)
+    gathered = example_sources.build_on_worker(data, example_sources.FeaturePool(POOL))
     assert list(gathered) == ["support", "query"]
     x = gathered["support"]["x"].numpy()
     assert x.shape == (2, 1, 3, 2, 3) and x.dtype == np.float32
@@ -210,7 +211,7 @@ def test_gather_features_takes_pool_rows_under_any_leading_axes_and_zeroes_paddi
     np.testing.assert_array_equal(x[1, 0, 2], np.zeros((2, 3)))
     for key in ("y", "mask"):
         np.testing.assert_array_equal(gathered["query"][key], part[key])
-    assert client_work.gather_features(data, None) is data
+    assert example_sources.build_on_worker(data, None) is data
 
 
 def test_client_computation_carries_the_pool_and_takes_only_indices(tff_local_execution):
@@ -229,7 +230,7 @@ def test_client_computation_carries_the_pool_and_takes_only_indices(tff_local_ex
         )
 
     computation = client_work.build_client_computation(
-        client_fn, (WEIGHTS_TYPE,), data_type, feature_pool=POOL
+        client_fn, (WEIGHTS_TYPE,), data_type, example_source=example_sources.FeaturePool(POOL)
     )
     # No argument for the pool: it is a constant of the computation, which runs on the worker.
     assert computation.type_signature.parameter[1] == data_type

@@ -1,7 +1,7 @@
 """Tests of pool mode (`data_on_workers=True`, `--data_on_workers`) on the digits tasks.
 
 In pool mode the driver sends each client as int32 row indices into the task's pool of images, and
-the client computation gathers the images on the worker (`client_work.gather_features`). What
+the client computation gathers the images on the worker (`example_sources.build_on_worker`). What
 matters: the default tasks are bit-identical to before pool mode existed; gathering gives exactly
 the default task's packed clients (every round's split, held-out clients, cohorts); the driver
 sends far fewer bytes; and training and evaluation end where the default task's do. The same on
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mfl_tff.algorithms import builders, client_work, cohorts
-from mfl_tff.data import registry
+from mfl_tff.algorithms import builders, cohorts
+from mfl_tff.data import example_sources, registry
 from mfl_tff.evaluation import summaries
 from mfl_tff.training import personalize, rounds
 from tests import testing
@@ -70,7 +70,7 @@ def _assert_identical(want, got) -> None:
 
 def test_the_default_task_is_unchanged(tasks):
     default, pooled = tasks
-    assert default.feature_pool is None and not default.data_on_workers
+    assert default.example_source is None and not default.data_on_workers
     assert pooled.data_on_workers
     assert _digest(_packed(default)) == DEFAULT_DIGESTS[default.name]
 
@@ -81,14 +81,14 @@ def test_gathered_clients_are_the_default_tasks_exactly(tasks):
         for client_want, client_got in zip(want, got):
             assert client_got["support"]["x"].dtype == np.int32
             _assert_identical(
-                client_want, client_work.gather_features(client_got, pooled.feature_pool)
+                client_want, example_sources.build_on_worker(client_got, pooled.example_source)
             )
         # Cohorts: stacked clients (padded with an empty one) gather in one call.
         for cohort_want, cohort_got in zip(
             cohorts.make_cohorts(want, 2), cohorts.make_cohorts(got, 2)
         ):
             _assert_identical(
-                cohort_want, client_work.gather_features(cohort_got, pooled.feature_pool)
+                cohort_want, example_sources.build_on_worker(cohort_got, pooled.example_source)
             )
     # The computations' client type: the same, with x int32 indices of the features' leading axes.
     want, got = default.client_data_type(), pooled.client_data_type()
@@ -117,7 +117,7 @@ def test_the_driver_sends_indices_instead_of_features():
 
 def test_a_pool_needs_clients_of_indices():
     default = registry.get_task("digits", **OPTIONS["digits"])
-    with pytest.raises(ValueError, match="integer row index"):
+    with pytest.raises(ValueError, match="integer code"):
         type(default)(
             name="broken",
             train_data=default.train_data,
@@ -126,7 +126,7 @@ def test_a_pool_needs_clients_of_indices():
             problem="classification",
             train_split=default.train_split,
             train_pack=default.train_pack,
-            feature_pool=np.zeros((4, 8, 8), np.float32),
+            example_source=example_sources.FeaturePool(np.zeros((4, 8, 8), np.float32)),
         )
 
 

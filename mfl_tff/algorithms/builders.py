@@ -77,7 +77,7 @@ def build_algorithm(
         task.model_fn,
         task.client_data_type(),
         options,
-        feature_pool=getattr(task, "feature_pool", None),
+        example_source=getattr(task, "example_source", None),
     )
     spec = AlgorithmSpec(
         name=name,

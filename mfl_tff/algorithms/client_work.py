@@ -5,11 +5,10 @@ in a `tff.tensorflow.computation` (under `tf.vectorized_map` for client cohorts)
 `build_client_work` in a `tff.templates.MeasuredProcess` whose `next` maps it over CLIENTS and
 returns a `tff.learning.templates.ClientResult` with the clients' metrics summed in one intrinsic.
 
-Pool mode (`FederatedTask.feature_pool`): a packed client's `x` are int32 row indices into a pool of
-features. `gather_features`, inside the client computation (and the personalization evaluation's),
-turns them into the features before the algorithm's client function runs. The pool is a constant
-of that `tff.tensorflow.computation`, so it reaches the worker once, with the computation, and the
-driver sends only indices each round.
+Data built on the workers (`FederatedTask.example_source`): a packed client's `x` are int32 codes.
+`example_sources.build_on_worker`, inside the client computation (and the personalization
+evaluation's), turns them into the examples before the algorithm's client function runs, so it
+runs on the worker and the driver sends only codes each round.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import cohorts
+from mfl_tff.data import example_sources
 
 
 def model_weights_type(model: tff.learning.models.FunctionalModel) -> tff.Type:
@@ -132,45 +132,20 @@ def federated_client_metrics(out) -> tff.Value:
     return tff.federated_map(divide, sums)
 
 
-def gather_features(data, feature_pool: Optional[np.ndarray]):
-    """A packed client value (or a stack of them) with its `x` indices replaced by pool rows.
-
-    `data` is `OrderedDict(support=OrderedDict(x, y, mask), query=...)` whose `x` are int32 row
-    indices into `feature_pool`, with any leading axes (cohorts, rounds). The result is the same
-    structure with `x = feature_pool[x]`, padding (mask 0) zeroed: exactly the tensors the task
-    packs without a pool. Called inside a `tff.tensorflow.computation`, the pool becomes one of
-    its constants, so the gather runs wherever the computation does (on the worker). With no pool,
-    `data` is returned as it is.
-    """
-    if feature_pool is None:
-        return data
-    pool = tf.constant(feature_pool)
-    feature_axes = (tf.newaxis,) * (pool.shape.rank - 1)
-
-    def gathered(part):
-        part = collections.OrderedDict(part.items())
-        x = tf.gather(pool, part["x"])
-        real = part["mask"][(Ellipsis, *feature_axes)] > 0
-        part["x"] = tf.where(real, x, tf.zeros_like(x))
-        return part
-
-    return collections.OrderedDict((name, gathered(part)) for name, part in data.items())
-
-
 def build_client_computation(
     client_fn: Callable,
     server_arg_types: Sequence[tff.Type],
     client_data_type: tff.Type,
     *,
     cohort_size: Optional[int] = None,
-    feature_pool: Optional[np.ndarray] = None,
+    example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tff.Computation:
     """Wraps `client_fn(*server_args, data) -> client_output(...)` as a TFF computation.
 
     With `cohort_size`, the computation takes `cohort_size` stacked clients instead of one and
-    returns their reduced output (see `mfl_tff.algorithms.cohorts`). With `feature_pool`, the
-    clients' `x` are indices into it (`client_data_type` says int32), and `client_fn` gets the
-    gathered features (`gather_features`, computed on the worker).
+    returns their reduced output (see `mfl_tff.algorithms.cohorts`). With `example_source`, the
+    clients' `x` are its codes (`client_data_type` says int32), and `client_fn` gets the examples
+    built from them (`example_sources.build_on_worker`, computed on the worker).
     """
     if cohort_size is None:
         data_type = client_data_type
@@ -178,7 +153,7 @@ def build_client_computation(
         data_type = cohorts.stacked_type(client_data_type, cohort_size)
 
     def run(server_args, data):
-        data = gather_features(data, feature_pool)
+        data = example_sources.build_on_worker(data, example_source)
         if cohort_size is None:
             return client_fn(*server_args, data)
         return cohorts.map_cohort(client_fn, server_args, data)
@@ -207,14 +182,14 @@ def build_client_work(
     client_data_type: tff.Type,
     *,
     cohort_size: Optional[int] = None,
-    feature_pool: Optional[np.ndarray] = None,
+    example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tff.templates.MeasuredProcess:
     """A packed client work process: `client_fn` on every client (or cohort).
 
     `next(state@SERVER, *server_args@CLIENTS, data@CLIENTS)` (one server argument, the model
     weights, or two, the weights and the meta-parameters) returns a
     `tff.learning.templates.ClientResult(update, update_weight)` at CLIENTS and
-    `federated_client_metrics` at SERVER; the state is empty. `cohort_size` and `feature_pool`
+    `federated_client_metrics` at SERVER; the state is empty. `cohort_size` and `example_source`
     are as in `build_client_computation`.
     """
     client_update = build_client_computation(
@@ -222,7 +197,7 @@ def build_client_work(
         server_arg_types,
         client_data_type,
         cohort_size=cohort_size,
-        feature_pool=feature_pool,
+        example_source=example_source,
     )
     data_type = client_update.type_signature.parameter[len(server_arg_types)]
 

@@ -34,6 +34,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks, client_work
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions
+from mfl_tff.data import example_sources
 from mfl_tff.meta import meta_model
 
 State = tff.learning.templates.LearningAlgorithmState
@@ -212,14 +213,14 @@ def compose(
     client_data_type: tff.Type,
     options: Optional[AlgorithmOptions] = None,
     *,
-    feature_pool: Optional[np.ndarray] = None,
+    example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tff.learning.templates.LearningProcess:
     """Builds `algorithm` as a LearningProcess over packed clients of `client_data_type`.
 
     The same as `compose_with_parts(...)[0]`; its arguments, result and errors are those.
     """
     return compose_with_parts(
-        algorithm, model_fn, client_data_type, options, feature_pool=feature_pool
+        algorithm, model_fn, client_data_type, options, example_source=example_source
     )[0]
 
 
@@ -229,7 +230,7 @@ def compose_with_parts(
     client_data_type: tff.Type,
     options: Optional[AlgorithmOptions] = None,
     *,
-    feature_pool: Optional[np.ndarray] = None,
+    example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tuple[tff.learning.templates.LearningProcess, dict]:
     """Builds `algorithm` as a LearningProcess, with the parts that measure and split its round.
 
@@ -239,8 +240,9 @@ def compose_with_parts(
         `loss` and metric are what clients train and report).
       client_data_type: TFF type of one packed client (`FederatedTask.client_data_type()`).
       options: `AlgorithmOptions` (None: the defaults).
-      feature_pool: The task's `feature_pool` (pool mode: clients' `x` are indices into it,
-        gathered in the client work on the worker; `client_work.gather_features`), or None.
+      example_source: The task's `example_source` when its data is built on the workers
+        (clients' `x` are codes, built into examples in the client work on the worker;
+        `example_sources.build_on_worker`), or None.
 
     Returns:
       `(process, parts)`: a `tff.learning.templates.LearningProcess` and its `RoundParts`.
@@ -297,7 +299,7 @@ def compose_with_parts(
             (weights_type, meta_type) if phase.takes_meta else (weights_type,),
             client_data_type,
             cohort_size=options.cohort_size,
-            feature_pool=feature_pool,
+            example_source=example_source,
         )
         for phase in phases
     )

@@ -7,9 +7,9 @@
   clients draw from disjoint image pools; clients are generated from their id, so the supply is
   unbounded and any client is reproducible.
 
-Both take `data_on_workers=True` (pool mode, `FederatedTask.feature_pool`): every client is then
-the same draws as by default, with `x` the int32 indices of its images in `load_digits()`, which
-becomes the task's feature pool; the computations gather the images on the worker.
+Both take `data_on_workers=True` (`FederatedTask.example_source`): every client is then the same
+draws as by default, with `x` the int32 indices of its images in `load_digits()`, which becomes
+the task's `FeaturePool`; the computations gather the images on the worker.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 import numpy as np
 from sklearn import datasets as sk_datasets
 
-from mfl_tff.data import packing, partition
+from mfl_tff.data import example_sources, packing, partition
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.client_data import ArrayClientData
 from mfl_tff.data.settings import TaskSettings
@@ -108,7 +108,7 @@ def build_digits(
       model: 'mlp' (64-64) or 'cnn'.
       seed: Seed of the partition, the packing and the initial model.
       data_on_workers: Pool mode: clients hold image indices, the task all 1,797 images as its
-        `feature_pool` (the same clients, gathered on the worker).
+        `FeaturePool` (the same clients, gathered on the worker).
     """
     check_positive(
         num_train_clients=num_train_clients,
@@ -145,7 +145,7 @@ def build_digits(
         train_pack=packing.PackSpec(batch_size, max_batches, max_batches),
         seed=seed,
         settings=dataclasses.replace(DIGITS_SETTINGS, shots=shots),
-        feature_pool=images if data_on_workers else None,
+        example_source=example_sources.FeaturePool(images) if data_on_workers else None,
     )
 
 
@@ -220,7 +220,7 @@ def build_digits_fewshot(
       model: 'mlp' (64-64) or 'cnn'.
       seed: Seed of the pools, the clients, the packing and the initial model.
       data_on_workers: Pool mode: clients hold image indices, the task all 1,797 images as its
-        `feature_pool` (the same clients, gathered on the worker).
+        `FeaturePool` (the same clients, gathered on the worker).
     """
     shots = settings_lib.check_shots(shots)
     check_positive(
@@ -267,5 +267,5 @@ def build_digits_fewshot(
         train_pack=packing.PackSpec(batch, 1, -(-ways * query_shots // batch)),
         seed=seed,
         settings=dataclasses.replace(FEWSHOT_SETTINGS, shots=shots),
-        feature_pool=load_digits()[0] if data_on_workers else None,
+        example_source=(example_sources.FeaturePool(load_digits()[0]) if data_on_workers else None),
     )

@@ -12,10 +12,10 @@ batches bound the padding when client sizes differ a lot; a client with more exa
 keeps a random subset of them (drawn from the client's own seed), so caps act like a local-step
 budget.
 
-Tasks whose clients are rows of one shared pool of examples can pack `x` as int32 row indices
-into that pool instead (`FederatedTask.feature_pool`, "pool mode"): the same split, shuffling and
-padding, with the client work gathering the features on the worker
-(`mfl_tff.algorithms.client_work.gather_features`).
+Tasks whose data is built on the workers pack `x` as int32 codes instead (rows of a pool, of a
+file, draws of a generator; `FederatedTask.example_source`): the same split, shuffling and
+padding, with the client work building the examples on the worker
+(`mfl_tff.data.example_sources.build_on_worker`).
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def pack_examples(
 ) -> collections.OrderedDict:
     """Pads (or truncates) `x`, `y` to `num_batches * batch_size` rows and adds a mask.
 
-    `x` is packed as `x_dtype`: float32 features, or int32 row indices into a task's feature pool
-    (`FederatedTask.feature_pool`), whose padding rows are index 0 (the mask excludes them).
+    `x` is packed as `x_dtype`: float32 features, or the int32 codes of a task whose data is built
+    on the workers (`FederatedTask.example_source`), whose padding rows are code 0 (the mask
+    excludes them).
     """
     capacity = num_batches * batch_size
     n = min(len(x), capacity)
@@ -131,9 +132,9 @@ def pack_client(
       split: How to split support from query.
       pack: Shapes to pack into.
       rng: The client's own generator (see `client_seed`).
-      x_dtype: The packed `x`'s dtype: float32 features, or int32 indices into a feature pool.
-        The random draws depend on the number of examples only, so a client packed as indices
-        is the same split and order as packed as the features they index.
+      x_dtype: The packed `x`'s dtype: float32 features, or int32 codes of examples built on
+        the workers. The random draws depend on the number of examples only, so a client packed
+        as codes is the same split and order as packed as the examples they stand for.
 
     Returns:
       `OrderedDict(support=OrderedDict(x, y, mask), query=OrderedDict(x, y, mask))` of numpy arrays.

@@ -4,17 +4,18 @@ A task is what binaries and users pick by name. Its clients are `tff.simulation.
 (train and held-out evaluation clients, disjoint), each client is packed ONCE into the padded-tensor
 format of `mfl_tff.data.packing`, and packed clients are cached so later rounds reuse them.
 
-A task with a `feature_pool` is in pool mode: its clients' `x` are int32 row indices into the pool,
-packed like features, and the computations built for it (`builders.build_algorithm`, the
-personalization evaluation) carry the pool as a constant and gather `pool[x]` on the worker, so the
-driver sends indices instead of features every round.
+A task with an `example_source` has its data built on the workers: its clients' `x` are int32
+codes (rows of a pool, of a file, or draws of a generator), packed like features, and the
+computations built for it (`builders.build_algorithm`, the personalization evaluation) turn the
+codes into examples on the worker (`mfl_tff.data.example_sources`), so the driver sends codes
+instead of features every round.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import numpy as np
@@ -22,7 +23,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.data import client_data as client_data_lib
-from mfl_tff.data import packing
+from mfl_tff.data import example_sources, packing
 from mfl_tff.data.settings import TaskSettings
 
 PROBLEMS = ("classification", "regression")
@@ -53,10 +54,11 @@ class FederatedTask:
       cache_size: Most packed clients kept in memory (unbounded generated tasks can have millions).
       settings: The hyperparameters the task's protocol trains with; binaries fill their unset
         flags from them.
-      feature_pool: Pool mode (None: off): the features every client's examples are rows of,
-        e.g. [N, 8, 8] (kept as float32, as packed features are). The clients' `x` are then
-        integer indices into its first axis, packed as int32 [S, B] / [Q, B], and the client
-        work gathers `pool[x]` on the worker (`mfl_tff.algorithms.client_work.gather_features`).
+      example_source: Data built on the workers (None: off): an
+        `mfl_tff.data.example_sources.ExampleSource`, e.g. a `FeaturePool` of the features every
+        client's examples are rows of. The clients' `x` are then integer codes, packed as int32
+        [S, B] / [Q, B], and the client work builds the examples from them on the worker
+        (`mfl_tff.data.example_sources.build_on_worker`).
     """
 
     name: str
@@ -71,7 +73,9 @@ class FederatedTask:
     seed: int = 0
     cache_size: int = 50_000
     settings: TaskSettings = dataclasses.field(default_factory=TaskSettings)
-    feature_pool: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
+    example_source: Optional[example_sources.ExampleSource] = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
     _cache: collections.OrderedDict = dataclasses.field(
         default_factory=collections.OrderedDict, init=False, repr=False
     )
@@ -81,8 +85,14 @@ class FederatedTask:
             raise TypeError(f"settings must be a TaskSettings, got {type(self.settings).__name__}.")
         if self.problem not in PROBLEMS:
             raise ValueError(f"problem must be one of {PROBLEMS}, got {self.problem!r}.")
-        if self.feature_pool is not None:
-            self._check_feature_pool()
+        if self.example_source is not None:
+            if not isinstance(self.example_source, example_sources.ExampleSource):
+                raise TypeError(
+                    "example_source must be an mfl_tff.data.example_sources.ExampleSource, got "
+                    f"{type(self.example_source).__name__}."
+                )
+            for data in (self.train_data, self.eval_data):
+                example_sources.check_codes(data.element_type_structure)
         self.eval_split = self.eval_split or self.train_split
         self.eval_pack = self.eval_pack or self.train_pack
         overlap = set(self.train_data.client_ids[:100_000]) & set(self.eval_data.client_ids)
@@ -92,27 +102,10 @@ class FederatedTask:
                 f"e.g. {sorted(overlap)[:3]}."
             )
 
-    def _check_feature_pool(self) -> None:
-        """Pool mode needs a non-empty pool and clients whose `x` are integer indices."""
-        # float32, as packing makes features (`packing.pack_examples`).
-        self.feature_pool = np.asarray(self.feature_pool, np.float32)
-        if self.feature_pool.ndim < 1 or not len(self.feature_pool):
-            raise ValueError(
-                f"feature_pool must hold at least one row, got shape {self.feature_pool.shape}."
-            )
-        for data in (self.train_data, self.eval_data):
-            spec = data.element_type_structure
-            x = spec.get("x") if isinstance(spec, Mapping) else None
-            if x is None or not x.dtype.is_integer or x.shape.rank != 0:
-                raise ValueError(
-                    "With a feature_pool, each client example's 'x' must be one integer row index "
-                    f"into the pool, got {x}."
-                )
-
     @property
     def data_on_workers(self) -> bool:
-        """Whether the task is in pool mode (the driver sends indices, workers gather features)."""
-        return self.feature_pool is not None
+        """Whether the driver sends codes and the workers build the examples (`example_source`)."""
+        return self.example_source is not None
 
     @property
     def metric(self) -> str:
@@ -121,7 +114,7 @@ class FederatedTask:
 
     @property
     def _x_dtype(self):
-        return np.float32 if self.feature_pool is None else np.int32
+        return np.float32 if self.example_source is None else np.int32
 
     def _pack(
         self, which: str, client_id: str, round_num: Optional[int] = None

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks, client_work, composer
+from mfl_tff.data import example_sources
 from mfl_tff.meta import inner_loop, losses, meta_model
 
 
@@ -84,7 +85,7 @@ def build_personalization_eval(
     fine_tune_lr: float,
     guard_after: int,
     loop: Optional[meta_model.InnerLoop] = None,
-    feature_pool: Optional[np.ndarray] = None,
+    example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tff.Computation:
     """Builds the personalization evaluation computation.
 
@@ -100,8 +101,9 @@ def build_personalization_eval(
       guard_after: Steps of the `own` rule after which divergence is guarded (its trained K).
       loop: The `own` rule's inner loop (meta-model, client optimizer, clipping) as trained;
         None: plain SGD with the rates.
-      feature_pool: The task's `feature_pool` in pool mode (clients' `x` are indices into it,
-        gathered on the worker by `client_work.gather_features`), or None.
+      example_source: The task's `example_source` when its data is built on the workers
+        (clients' `x` are codes, built into examples on the worker by
+        `example_sources.build_on_worker`), or None.
 
     Returns:
       A computation `(model_weights@SERVER, alpha@SERVER, data@{CLIENTS}) ->
@@ -122,7 +124,7 @@ def build_personalization_eval(
     @tff.tensorflow.computation(weights_type, alpha_type, client_data_type)
     def client_eval(weights, alpha, data):
         trainable, non_trainable = tuple(weights.trainable), tuple(weights.non_trainable)
-        data = client_work.gather_features(data, feature_pool)
+        data = example_sources.build_on_worker(data, example_source)
         own_loss, own_metric, own_rates = _curve(
             model,
             trainable,

@@ -28,7 +28,7 @@ def _eval_computation(task, alpha, max_steps: int, fine_tune_lr: float, guard_af
             fine_tune_lr=fine_tune_lr,
             guard_after=guard_after,
             loop=loop,
-            feature_pool=getattr(task, "feature_pool", None),
+            example_source=getattr(task, "example_source", None),
         )
     return cache[key]
 
