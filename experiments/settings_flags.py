@@ -79,9 +79,10 @@ LABEL_NOISE = flags.DEFINE_string(
 DATA_ON_WORKERS = flags.DEFINE_bool(
     "data_on_workers",
     False,
-    "Send clients as int32 row indices into the task's pool of examples, which travels once "
-    "inside the computation, and gather the features on the worker(s); same results. Only "
-    "digits and digits_fewshot; see the README's 'Several workers'.",
+    "Send clients as int32 codes and build the examples on the worker(s): digits, "
+    "digits_fewshot and emnist (its cache file at the same path on each worker) the same "
+    "clients; sinusoid and synthetic generated there (same distribution, another random "
+    "stream). See the README's 'Several workers'.",
 )
 META_MODEL = flags.DEFINE_enum(
     "meta_model",

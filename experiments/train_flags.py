@@ -194,10 +194,11 @@ LABEL_NOISE = flags.DEFINE_string(
 DATA_ON_WORKERS = flags.DEFINE_bool(
     "data_on_workers",
     False,
-    "Send each round's clients as int32 row indices into the task's pool of examples, which "
-    "travels once inside the computation, and gather the features on the worker(s) (same "
-    "results, fewer bytes per round). Only for tasks whose clients are rows of one shared pool: "
-    "digits, digits_fewshot. See the README's 'Several workers'.",
+    "Send each round's clients as int32 codes and build the examples on the worker(s), fewer "
+    "bytes per round: digits and digits_fewshot gather rows of their image pool, which travels "
+    "once inside the computation, and emnist reads its cache file, which must exist at the same "
+    "path on each worker (the same clients and results); sinusoid and synthetic generate them "
+    "there (the same distribution, another random stream). See the README's 'Several workers'.",
 )
 DIRICHLET = flags.DEFINE_float(
     "dirichlet_concentration", None, "digits: label skew, smaller is more skewed; empty: 0.5."

@@ -23,7 +23,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import checks, client_work, composer
 from mfl_tff.algorithms.algorithm import Algorithm, AlgorithmOptions, ClientPhase, check_common
-from mfl_tff.meta import gradients, inner_loop, losses
+from mfl_tff.meta import gradients, inner_loop, losses, meta_model
 
 
 def maml_client_fn(model, *, inner_lr: float, inner_steps: int, first_order: bool) -> Callable:
@@ -56,12 +56,13 @@ def reptile_client_fn(model, *, inner_lr: float, inner_steps: int) -> Callable:
 
     def client_update(weights, data):
         batches = inner_loop.concat_parts(data)
-        trainable = gradients.adapt(
+        trainable, _ = meta_model.adapt(
             model,
             tuple(weights.trainable),
             tuple(weights.non_trainable),
             batches,
-            tf.constant(inner_lr, tf.float32),
+            (tf.constant(inner_lr, tf.float32),),
+            meta_model.InnerLoop(num_steps=inner_steps),
             inner_steps,
         )
         delta = tf.nest.map_structure(tf.subtract, tuple(weights.trainable), trainable)

@@ -24,30 +24,6 @@ from mfl_tff.meta import inner_loop, losses, meta_model
 support_batch = inner_loop.support_batch
 
 
-def adapt(
-    model,
-    trainable,
-    non_trainable,
-    support,
-    step_sizes,
-    num_steps: int,
-    *,
-    first_order: bool = False,
-):
-    """`num_steps` SGD steps on `support` with `step_sizes` (a scalar or a structure like
-    `trainable`), unrolled so that gradients flow to `trainable` and `step_sizes`."""
-    for k in range(num_steps):
-        trainable = inner_loop.sgd_step(
-            model,
-            trainable,
-            non_trainable,
-            support_batch(support, k),
-            step_sizes,
-            first_order=first_order,
-        )
-    return trainable
-
-
 def meta_gradients(
     model,
     weights,
