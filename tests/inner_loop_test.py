@@ -208,3 +208,33 @@ def test_concat_parts_puts_query_batches_after_support_batches():
     for key in ("x", "y", "mask"):
         np.testing.assert_array_equal(joined[key][:2], support[key])
         np.testing.assert_array_equal(joined[key][2:], query[key])
+
+
+def test_local_sgd_of_conv_clients_under_vectorized_map_equals_each_client_alone():
+    # Batch 2 is padding for every client: under tf.vectorized_map a cond would run the
+    # convolution's gradient on no client, which pfor's fallback loop cannot do (it failed
+    # before `vectorized_clients`); each client must end where it ends trained alone.
+    model, weights = _functional(
+        lambda: keras_models.small_cnn((6, 6, 1), 3), (6, 6, 1), "classification"
+    )
+    clients = []
+    for seed, real in enumerate(([4, 4, 0], [2, 0, 0], [3, 1, 0])):
+        batches = packed_batches("classification", 36, real, seed=seed)
+        batches["x"] = batches["x"].reshape((3, 4, 6, 6, 1))
+        clients.append(batches)
+    stacked = tf.nest.map_structure(lambda *a: np.stack(a), *clients)
+
+    def vectorized(w, b, rate):
+        with inner_loop.vectorized_clients():
+            return tf.vectorized_map(
+                lambda client: inner_loop.local_sgd(model, w, client, rate, 2),
+                b,
+                fallback_to_while_loop=True,
+            )
+
+    together = run_in_graph(vectorized, weights, stacked, np.float32(0.3))
+    for i, client in enumerate(clients):
+        alone = library_local_sgd(model, weights, client, np.float32(0.3), 2)
+        assert max_abs_difference(alone, weights[0]) > 1e-3  # it trained
+        for a, t in zip(alone, together):
+            np.testing.assert_allclose(t[i], a, rtol=RTOL, atol=ATOL)

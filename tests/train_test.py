@@ -30,7 +30,7 @@ from absl import logging as absl_logging
 
 from experiments import train
 from mfl_tff.algorithms import builders
-from mfl_tff.data import sinusoid
+from mfl_tff.data import registry, sinusoid
 from mfl_tff.data.settings import TaskSettings
 from mfl_tff.training import runtime
 from tests import testing
@@ -318,10 +318,11 @@ BAD_INPUT = {
     # The default task, digits_fewshot, takes no label noise: an error, not an ignored flag.
     "label_noise_on_digits_fewshot": (("--label_noise=0.1",), "drop --label_noise"),
     "shot_range_on_dirichlet_digits": (("--task=digits", "--shots=2:5"), "--task=digits"),
-    # Sinusoid's clients are generated on the driver, not rows of one pool: refused, not ignored.
-    "data_on_workers_on_sinusoid": (
-        ("--task=sinusoid", "--data_on_workers"),
-        "--data_on_workers does not apply to --task=sinusoid",
+    # A user's task whose builder has no data_on_workers option (registered for this case only,
+    # `USER_TASKS`): refused, not ignored, since the driver would send the features after all.
+    "data_on_workers_on_a_user_task": (
+        ("--task=user_task_without_data_on_workers", "--data_on_workers"),
+        "--data_on_workers does not apply to --task=user_task_without_data_on_workers",
     ),
     "unknown_meta_model": (("--meta_model=nope",), "meta_model"),
     "unknown_client_optimizer": (("--client_optimizer=adam",), "client_optimizer"),
@@ -338,6 +339,19 @@ BAD_INPUT = {
         ),
         "no TFF worker answered",
     ),
+}
+
+
+def _build_user_task(*, seed: int = 0, num_train_clients: int = 20, num_eval_clients: int = 4):
+    """A user's task without a data_on_workers option (digits under another name)."""
+    return registry.get_task(
+        "digits", seed=seed, num_train_clients=num_train_clients, num_eval_clients=num_eval_clients
+    )
+
+
+# Tasks registered in this process (`registry.register_task`) for the case that names them.
+USER_TASKS = {
+    "data_on_workers_on_a_user_task": ("user_task_without_data_on_workers", _build_user_task)
 }
 # Also run as subprocesses: an absl parse error, and a usage error raised in `main` (the other
 # usage errors take the same path; each subprocess costs seconds of the suite's budget).
@@ -405,8 +419,14 @@ def _assert_one_line_error(code, stdout: str, stderr: str, expected: str) -> Non
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_is_one_line_naming_the_problem_and_writes_nothing(bad_input_root, case, capsys):
+def test_bad_input_is_one_line_naming_the_problem_and_writes_nothing(
+    bad_input_root, case, capsys, monkeypatch
+):
     root, scratch = bad_input_root
+    if case in USER_TASKS:
+        registry.task_names()  # the built-ins, then a copy the test may add to (restored after)
+        monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+        registry.register_task(*USER_TASKS[case])
     before = testing.tree_digest(root.parent)
     # Other tests' workers (background jobs, a worker still shutting down) may be alive; the
     # refused run must not have started one of its own.

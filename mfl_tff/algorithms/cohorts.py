@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from mfl_tff.meta import inner_loop
+
 
 def stacked_type(client_data_type: tff.Type, cohort_size: int) -> tff.Type:
     """The TFF type of `cohort_size` packed clients stacked along a new leading axis."""
@@ -54,9 +56,10 @@ def reduce_cohort(outputs) -> collections.OrderedDict:
 
 def map_cohort(client_fn: Callable, server_args: Sequence, cohort) -> collections.OrderedDict:
     """Runs `client_fn(*server_args, client)` for every client of the cohort and reduces."""
-    outputs = tf.vectorized_map(
-        lambda client: client_fn(*server_args, client), cohort, fallback_to_while_loop=True
-    )
+    with inner_loop.vectorized_clients():
+        outputs = tf.vectorized_map(
+            lambda client: client_fn(*server_args, client), cohort, fallback_to_while_loop=True
+        )
     return reduce_cohort(outputs)
 
 

@@ -21,6 +21,10 @@ last `num_eval_clients` writers are held out. Every client, training or held out
 with all of that writer's examples from TFF's train split. Elements are mapped to this project's
 convention, `x` = the float32 [28, 28] pixels exactly as TFF stores them (1.0 is background, 0.0
 ink) and `y` = the int32 label (0-9 digits, 10-35 upper case, 36-61 lower case).
+
+Data on the workers (`data_on_workers=True`, `mfl_tff.data.emnist_rows`): the same clients, with
+`x` the int32 SQLite row id of each example, and the client computation reads the pixels of those
+rows on the worker, from the same file at the same path (or `worker_data_cache_dir`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.data import packing
+from mfl_tff.data import emnist_rows, packing
+from mfl_tff.data.client_data import ArrayClientData
 from mfl_tff.data.settings import TaskSettings
 from mfl_tff.data.task import FederatedTask, check_positive
 from mfl_tff.models import functional, keras_models
@@ -215,6 +220,8 @@ def build_emnist(
     max_batches: int = 10,
     shots: Optional[int] = None,
     seed: int = 0,
+    data_on_workers: bool = False,
+    worker_data_cache_dir: Optional[PathLike] = None,
 ) -> FederatedTask:
     """Federated EMNIST with writers as clients and unseen writers held out.
 
@@ -228,14 +235,23 @@ def build_emnist(
       max_batches: Cap on batches for support and for query (bounds padding and local steps).
       shots: Support examples per client (the rest is query); None splits each client in half.
       seed: Seed of the writer split, the packing and the initial model.
+      data_on_workers: Send each example as its int32 SQLite row id and read the pixels on the
+        worker (`mfl_tff.data.emnist_rows`): the same clients, packed the same. Each worker needs
+        the same `emnist_all.sqlite` at the same path as the driver (or in
+        `worker_data_cache_dir`).
+      worker_data_cache_dir: With `data_on_workers`, the directory holding `emnist_all.sqlite` on
+        the workers, if not the driver's (not checked here: a worker without the file fails the
+        round with an error naming the path).
 
     Returns:
       A `FederatedTask` whose `train_data` and `eval_data` are TFF `ClientData` over disjoint
-      writers, elements `x` (float32 [28, 28]) and `y` (int32).
+      writers, elements `x` (float32 [28, 28], or with `data_on_workers` the int32 row id) and
+      `y` (int32).
 
     Raises:
       FileNotFoundError: If `emnist_all.sqlite` is not in the cache directory.
-      ValueError: If an option is invalid or there are not enough writers.
+      ValueError: If an option is invalid, there are not enough writers, or (with
+        `data_on_workers`) the file's row ids do not fit int32.
     """
     # Validate everything cheap before touching the (large) data file.
     check_positive(
@@ -249,6 +265,8 @@ def build_emnist(
     for name, value in (("num_train_clients", num_train_clients), ("shots", shots)):
         if value is not None:
             check_positive(**{name: value})
+    if worker_data_cache_dir is not None and not data_on_workers:
+        raise ValueError("worker_data_cache_dir applies only with data_on_workers=True.")
     model_fn = _model_fn(model, num_classes(only_digits), seed)
     split = packing.SplitSpec(support_size=shots)
     pack = packing.PackSpec(batch_size, max_batches, max_batches)
@@ -260,17 +278,35 @@ def build_emnist(
         num_eval_clients=num_eval_clients,
         seed=seed,
     )
-    # Subsets through TFF's own constructor share the writers' dataset function, so the clients
-    # stay ordinary (serializable) ClientData.
-    from_ids = tff.simulation.datasets.ClientData.from_clients_and_tf_fn
+    source = None
+    if data_on_workers:
+        path = cache_file_path(data_cache_dir)
+        emnist_rows.check_row_ids(path)
+        # Codes are a few bytes per example: kept, so later rounds' splits query nothing.
+        codes = functools.lru_cache(maxsize=None)(
+            functools.partial(
+                emnist_rows.client_codes, path, f"{'digits_only' if only_digits else 'all'}_train"
+            )
+        )
+        train_data, eval_data = ArrayClientData(train_ids, codes), ArrayClientData(eval_ids, codes)
+        if worker_data_cache_dir is not None:
+            path = cache_file_path(worker_data_cache_dir)
+        source = emnist_rows.EmnistRows(path)
+    else:
+        # Subsets through TFF's own constructor share the writers' dataset function, so the
+        # clients stay ordinary (serializable) ClientData.
+        from_ids = tff.simulation.datasets.ClientData.from_clients_and_tf_fn
+        train_data = from_ids(train_ids, writers.serializable_dataset_fn)
+        eval_data = from_ids(eval_ids, writers.serializable_dataset_fn)
     return FederatedTask(
         name="emnist",
-        train_data=from_ids(train_ids, writers.serializable_dataset_fn),
-        eval_data=from_ids(eval_ids, writers.serializable_dataset_fn),
+        train_data=train_data,
+        eval_data=eval_data,
         model_fn=model_fn,
         problem="classification",
         train_split=split,
         train_pack=pack,
         seed=seed,
         settings=dataclasses.replace(SETTINGS, shots=shots),
+        example_source=source,
     )

@@ -12,6 +12,11 @@ client observes (its support, and a training client's query), with sigma fixed o
 client from U[lo, hi]. Held-out clients' query targets stay noise-free: evaluation measures the
 true wave. Each draw has its own seed stream, so the defaults (a fixed count, no noise) give
 exactly the clients of before.
+
+`data_on_workers=True` generates the clients on the worker (`mfl_tff.data.sinusoid_on_workers`):
+the driver draws only the support sizes and sends one int32 code per point, and TensorFlow's
+stateless ops draw the waves, points and noise inside the client computation. Same distribution,
+other clients: those draws are not numpy's, so the waves and points differ from the default's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import functools
 
 import numpy as np
 
-from mfl_tff.data import packing
+from mfl_tff.data import packing, sinusoid_on_workers
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.client_data import ArrayClientData
 from mfl_tff.data.settings import TaskSettings
@@ -118,6 +123,7 @@ def build_sinusoid(
     num_train_clients: int = 100_000,
     num_eval_clients: int = 500,
     seed: int = 0,
+    data_on_workers: bool = False,
 ) -> FederatedTask:
     """K-shot sinusoid regression with the papers' MLP (two hidden layers of 40 ReLU units).
 
@@ -135,6 +141,9 @@ def build_sinusoid(
       num_train_clients: Size of the training population.
       num_eval_clients: Held-out clients.
       seed: Seed of the waves, the points, the packing and the initial model.
+      data_on_workers: Generate the clients on the worker (`sinusoid_on_workers.SineSource`):
+        the driver sends int32 codes of (client, point) and no targets. The same distribution
+        and support sizes, but other waves and points than the default (TensorFlow's stream).
     """
     shots = settings_lib.check_shots(shots)
     label_noise = settings_lib.check_noise(label_noise)
@@ -144,8 +153,28 @@ def build_sinusoid(
         num_train_clients=num_train_clients,
         num_eval_clients=num_eval_clients,
     )
-    make = functools.partial(_client, shots=shots, label_noise=label_noise, seed=seed)
     batch = settings_lib.max_shots(shots)
+    source = None
+    if data_on_workers:
+        source = sinusoid_on_workers.SineSource(
+            seed=seed,
+            amplitude=AMPLITUDE,
+            phase=PHASE,
+            input_range=INPUT_RANGE,
+            max_support=batch,
+            query_points=query_points,
+            eval_query_points=eval_query_points,
+            label_noise=label_noise,
+            num_train_clients=num_train_clients,
+            num_eval_clients=num_eval_clients,
+        )
+
+        def make(client_id, query_points, evenly_spaced):
+            del query_points, evenly_spaced  # the source's populations have them
+            return source.client_arrays(client_id, support_size(client_id, shots, seed))
+
+    else:
+        make = functools.partial(_client, shots=shots, label_noise=label_noise, seed=seed)
     if isinstance(shots, tuple):
         # Every client's support is its first points, however many it drew; the query is the rest.
         train_split = packing.SplitSpec(query_size=query_points, shuffle=False)
@@ -176,4 +205,5 @@ def build_sinusoid(
         eval_pack=packing.PackSpec(batch, 1, -(-eval_query_points // batch)),
         seed=seed,
         settings=dataclasses.replace(SETTINGS, shots=shots),
+        example_source=source,
     )

@@ -5,6 +5,11 @@ Client k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta); its model W_k, b_k ~ N(u_
 mean v_k ~ N(B_k, 1); inputs x ~ N(v_k, diag(j^-1.2)) and labels y = argmax(W_k x + b_k). Alpha sets
 how much the clients' models differ, beta how much their inputs do. Client sizes follow LEAF's power
 law, lognormal(4, 2) + 50, capped at `max_examples`.
+
+`data_on_workers=True` generates the clients on the worker (`mfl_tff.data.synthetic_on_workers`):
+the driver draws only the client sizes (the default's) and sends one int32 code per example, and
+TensorFlow's stateless ops draw the models, inputs and labels inside the client computation. Same
+distribution, other clients: those draws are not numpy's, so they differ from the default's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import functools
 
 import numpy as np
 
-from mfl_tff.data import packing
+from mfl_tff.data import packing, synthetic_on_workers
 from mfl_tff.data.client_data import ArrayClientData
 from mfl_tff.data.settings import TaskSettings
 from mfl_tff.data.task import FederatedTask, check_positive
@@ -41,11 +46,21 @@ SETTINGS = TaskSettings(
 )
 
 
+def _size(rng: np.random.Generator, max_examples: int) -> int:
+    return min(int(rng.lognormal(4, 2)) + 50, max_examples)
+
+
+def client_size(client_id: str, max_examples: int, seed: int) -> int:
+    """A client's number of examples: its first draw, LEAF's lognormal(4, 2) + 50, capped."""
+    rng = np.random.default_rng(packing.client_seed(seed, f"synthetic/{client_id}"))
+    return _size(rng, max_examples)
+
+
 def _client(
     client_id: str, *, alpha: float, beta: float, max_examples: int, seed: int
 ) -> collections.OrderedDict:
     rng = np.random.default_rng(packing.client_seed(seed, f"synthetic/{client_id}"))
-    size = min(int(rng.lognormal(4, 2)) + 50, max_examples)
+    size = _size(rng, max_examples)
     u = rng.normal(0.0, np.sqrt(alpha))
     b_mean = rng.normal(0.0, np.sqrt(beta))
     w = rng.normal(u, 1.0, size=(DIM, NUM_CLASSES))
@@ -67,6 +82,7 @@ def build_synthetic(
     batch_size: int = 10,
     max_batches: int = 10,
     seed: int = 0,
+    data_on_workers: bool = False,
 ) -> FederatedTask:
     """Synthetic(alpha, beta) with a softmax-regression model.
 
@@ -79,6 +95,9 @@ def build_synthetic(
       batch_size: Examples per packed batch.
       max_batches: Cap on batches for support and for query.
       seed: Seed of the clients, the packing and the initial model.
+      data_on_workers: Generate the clients on the worker (`synthetic_on_workers`): the driver
+        sends int32 codes of (client, example) and no labels. The same distribution and client
+        sizes, but other clients than the default (TensorFlow's stream).
     """
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}.")
@@ -90,7 +109,26 @@ def build_synthetic(
     )
     if max_examples < 2:
         raise ValueError(f"max_examples must be >= 2, got {max_examples}.")
-    make = functools.partial(_client, alpha=alpha, beta=beta, max_examples=max_examples, seed=seed)
+    source = None
+    if data_on_workers:
+        source = synthetic_on_workers.SyntheticSource(
+            seed=seed,
+            alpha=alpha,
+            beta=beta,
+            dim=DIM,
+            num_classes=NUM_CLASSES,
+            max_examples=max_examples,
+            num_train_clients=num_train_clients,
+            num_eval_clients=num_eval_clients,
+        )
+
+        def make(client_id):
+            return source.client_arrays(client_id, client_size(client_id, max_examples, seed))
+
+    else:
+        make = functools.partial(
+            _client, alpha=alpha, beta=beta, max_examples=max_examples, seed=seed
+        )
     return FederatedTask(
         name="synthetic",
         train_data=ArrayClientData([f"train/{i:05d}" for i in range(num_train_clients)], make),
@@ -107,4 +145,5 @@ def build_synthetic(
         train_pack=packing.PackSpec(batch_size, max_batches, max_batches),
         seed=seed,
         settings=SETTINGS,
+        example_source=source,
     )

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import tensorflow as tf
 
 from mfl_tff.meta import losses
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def vectorized_clients() -> Iterator[None]:
+    """Marks client functions traced inside it as run under `tf.vectorized_map` (cohorts)."""
+    _tracing.vectorized = getattr(_tracing, "vectorized", 0) + 1
+    try:
+        yield
+    finally:
+        _tracing.vectorized -= 1
+
+
+def _vectorized() -> bool:
+    return getattr(_tracing, "vectorized", 0) > 0
 
 
 def batch_gradient(model, trainable, non_trainable, batch):
@@ -78,9 +98,16 @@ def local_sgd(model, weights, batches, step_sizes, epochs: int, *, proximal_stre
 
     def body(i, current):
         batch = {k: v[i % num_batches] for k, v in batches.items()}
-        return i + 1, tf.cond(
-            tf.reduce_sum(batch["mask"]) > 0, lambda: step(current, batch), lambda: current
-        )
+        real = tf.reduce_sum(batch["mask"]) > 0
+        if _vectorized():
+            # Under tf.vectorized_map a cond runs each branch on the clients that take it, and
+            # when no client of the cohort takes the step (a batch index all of them pad), pfor's
+            # fallback for ops it cannot vectorize (convolution gradients) fails on the empty
+            # set. Stepping every client and keeping the old weights where the batch is padding
+            # gives the same weights.
+            stepped = step(current, batch)
+            return i + 1, tuple(tf.where(real, s, c) for s, c in zip(stepped, current))
+        return i + 1, tf.cond(real, lambda: step(current, batch), lambda: current)
 
     _, trainable = tf.while_loop(
         lambda i, _: i < num_batches * epochs, body, (tf.constant(0), trainable)
