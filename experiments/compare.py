@@ -16,8 +16,9 @@ workers already running (--worker=HOST:PORT, or several comma-separated that sha
 clients; see the README's "Running on a remote worker"). A worker that does not answer is one
 line and exit status 2 before training; one lost mid-run is one line and exit status 3.
 
---data_on_workers (digits, digits_fewshot; experiments/settings_flags.py) sends each round's clients
-as row indices into the task's pool of images, gathered on the worker(s): the same results.
+--data_on_workers (every built-in task; experiments/settings_flags.py) sends each round's clients as
+int32 codes and builds the examples on the worker(s): digits, digits_fewshot and emnist the same
+clients, sinusoid and synthetic generated there (another random stream of the same distribution).
 
 --aggregator (experiments/aggregator_flags.py) sets how every algorithm aggregates: mean,
 compressed, secure, robust or dp (with --noise_multiplier; no epsilon is reported here, so

@@ -181,8 +181,8 @@ def check_task(task_name: str) -> Optional[str]:
     """The one-line problem with the data flags for `task_name`, or None.
 
     --label_noise on a task without label noise is an error, not a note: dropping it silently
-    would train on clean data. So is --data_on_workers on a task whose clients are not rows of
-    one pool: dropping it would silently send every client's features.
+    would train on clean data. So is --data_on_workers on a task that cannot build its examples
+    on the workers: dropping it would silently send every client's features.
     """
     if task_name not in registry.task_names():
         return None
@@ -194,8 +194,8 @@ def check_task(task_name: str) -> Optional[str]:
         )
     if DATA_ON_WORKERS.value and "data_on_workers" not in options:
         return (
-            f"--data_on_workers does not apply to --task={task_name}, whose clients are not rows "
-            f"of one shared pool of examples (only to {_takers('data_on_workers')}); drop "
+            f"--data_on_workers does not apply to --task={task_name}, whose builder has no "
+            f"data_on_workers option (only to {_takers('data_on_workers')}); drop "
             "--data_on_workers."
         )
     return None

@@ -72,7 +72,7 @@ import tensorflow as tf  # noqa: E402
 from experiments import aggregator_flags  # noqa: E402
 from experiments import train_flags as cfg  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
-from mfl_tff.data import registry  # noqa: E402
+from mfl_tff.data import example_sources, registry  # noqa: E402
 from mfl_tff.data import settings as settings_lib  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.data.task import FederatedTask  # noqa: E402
@@ -230,10 +230,13 @@ def _train() -> None:
     hparams = _hparams(settings)
     try:
         differences = outputs.hparams_differences(
-            paths.hparams_csv, hparams, cfg.MAY_DIFFER_ON_RESUME
+            paths.hparams_csv, hparams, cfg.MAY_DIFFER_ON_RESUME - {"data_on_workers"}
         )
     except outputs.ProgramError as e:
         raise cfg.UsageError(str(e)) from None
+    # Switching --data_on_workers keeps the clients where the workers gather or read the same
+    # examples; where they generate them, the clients are other draws.
+    differences = [d for d in differences if d[0] != "data_on_workers" or _generated(task)]
     # Before tasks carried settings, an unset --shots was recorded empty, meaning the task's
     # default then, which its setting is now: such a run resumes with the same command.
     explicit = cfg.explicit_settings()
@@ -336,6 +339,14 @@ def _train() -> None:
             flush=True,
         )
         sys.exit(EXIT_WORKER_LOST)
+    except Exception as e:  # noqa: BLE001  (re-raised unless a worker lacks the task's data)
+        problem = example_sources.worker_data_problem(e)
+        if problem is None:
+            raise
+        raise cfg.UsageError(
+            f"--data_on_workers: {problem} Rounds saved so far are kept: rerun the same command "
+            f"once fixed to resume from {_resume_point(paths)}."
+        ) from None
     after = report["after_adaptation"]
     print(
         f"Done: {report['metric']} on {report['num_clients']} held-out clients "
@@ -350,8 +361,9 @@ def _resume_point(paths: outputs.OutputPaths) -> str:
     return f"round {saved[-1]}" if saved else "the start"
 
 
-def _build_task() -> FederatedTask:
-    """The task from the data flags; task errors become one-line usage errors."""
+def _build_task(data_on_workers: Optional[bool] = None) -> FederatedTask:
+    """The task from the data flags (`data_on_workers` overrides its flag); task errors become
+    one-line usage errors."""
     shots = cfg.shots()
     options = {
         "seed": cfg.SEED.value,
@@ -362,7 +374,10 @@ def _build_task() -> FederatedTask:
         "dirichlet_concentration": cfg.DIRICHLET.value,
         "model": cfg.MODEL.value,
         "data_cache_dir": cfg.DATA_CACHE_DIR.value,
-        "data_on_workers": cfg.DATA_ON_WORKERS.value or None,
+        "data_on_workers": (
+            cfg.DATA_ON_WORKERS.value if data_on_workers is None else data_on_workers
+        )
+        or None,
     }
     # Unset flags leave the task's own defaults in place.
     options = {k: v for k, v in options.items() if v is not None}
@@ -378,9 +393,8 @@ def _build_task() -> FederatedTask:
     if "data_on_workers" in options and "data_on_workers" not in accepted:
         takers = [n for n in registry.task_names() if "data_on_workers" in registry.task_options(n)]
         raise cfg.UsageError(
-            f"--data_on_workers does not apply to --task={cfg.TASK.value}, whose clients are not "
-            f"rows of one shared pool of examples (only to {', '.join(takers)}); drop "
-            "--data_on_workers."
+            f"--data_on_workers does not apply to --task={cfg.TASK.value}, whose builder has no "
+            f"data_on_workers option (only to {', '.join(takers)}); drop --data_on_workers."
         )
     for name in sorted(set(options) - accepted):
         if flags.FLAGS[name].present:
@@ -433,6 +447,16 @@ def _build_algorithm(
         return builders.build_algorithm(cfg.ALGORITHM.value, task, options)
     except ValueError as e:
         raise cfg.UsageError(f"--algorithm={cfg.ALGORITHM.value}: {e}") from None
+
+
+def _generated(task: FederatedTask) -> bool:
+    """Whether --data_on_workers has the task's workers generate its examples (other draws)."""
+    if not task.data_on_workers:
+        try:
+            task = _build_task(data_on_workers=True)
+        except cfg.UsageError:
+            return False
+    return isinstance(task.example_source, example_sources.GeneratedSource)
 
 
 def _one_line(text: str) -> str:

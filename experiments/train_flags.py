@@ -286,7 +286,9 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "worker",
         "worker_timeout",
         "cohort_size",
-        # Where features are gathered, not which: the same clients and results either way.
+        # Where the examples are built, not which, for the tasks whose workers gather or read
+        # them (digits, emnist); where they generate them (sinusoid, synthetic) the clients
+        # differ, and train.py refuses the switch.
         "data_on_workers",
         "verbose",
     }

@@ -190,5 +190,10 @@ def test_on_the_worker_and_in_training(emnist_dir, tff_local_execution, tmp_path
 
     # A worker without the file: the computation fails with the message naming the path.
     missing = str(tmp_path / "elsewhere" / emnist.CACHE_FILE_NAME)
-    with pytest.raises(Exception, match=f"no file {missing} on this worker"):
+    with pytest.raises(Exception, match=f"no file {missing} on this worker") as raised:
         read_on_worker(emnist_rows.EmnistRows(missing))(got)
+    # What the training program prints instead of the worker's multi-line gRPC error.
+    assert example_sources.worker_data_problem(raised.value) == (
+        f"EMNIST data on the workers: no file {missing} on this worker; each worker needs TFF's "
+        "emnist_all.sqlite (the driver's file) at that path."
+    )

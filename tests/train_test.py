@@ -282,6 +282,11 @@ BAD_INPUT = {
     ),
     # 0.2 is not digits' own inner_lr (0.1), so the flag really differs from the saved run's.
     "resume_with_a_changed_flag": ((*TINY_FLAGS, "--inner_lr=0.2"), "--inner_lr"),
+    # Sinusoid generated on the workers is other clients than the driver's: not switched on resume.
+    "resume_switching_generated_data": (
+        ("--task=sinusoid", "--experiment_name=generated_on_workers"),
+        "--data_on_workers=False differs from data_on_workers=True",
+    ),
     "dp_without_noise_multiplier": (("--aggregator=dp",), "--noise_multiplier"),
     "dp_clip_norm_not_a_number": (
         ("--aggregator=dp", "--noise_multiplier=1", "--clip_norm=big"),
@@ -374,6 +379,11 @@ def bad_input_root(train_reference, tmp_path_factory):
     # (A damaged checkpoint takes the same path through the binary; tests/program_test.py
     # covers it.)
     shutil.copytree(root / "checkpoints" / EXPERIMENT, root / "checkpoints" / "copied")
+    # A sinusoid experiment trained with --data_on_workers (only the setting compared matters).
+    (root / "results" / "generated_on_workers").mkdir()
+    (root / "results" / "generated_on_workers" / "hparams.csv").write_text(
+        "task,data_on_workers\nsinusoid,True\n"
+    )
     scratch = tmp_path_factory.mktemp("bad_input_scratch")
     (scratch / "empty").mkdir()
     (scratch / "file").write_text("a file where a directory should be\n")

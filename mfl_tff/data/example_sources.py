@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import abc
 import collections
+import re
 import zlib
 from collections.abc import Mapping
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -241,6 +243,22 @@ def _per_key(keys, draw, signature):
         return tf.reshape(tf.gather(v, index), tf.concat([tf.shape(keys), tf.shape(v)[1:]], 0))
 
     return tf.nest.map_structure(gathered, values)
+
+
+# What every source's check on the worker says first (`worker_data_problem` finds it).
+WORKER_CHECK = "data on the workers:"
+
+
+def worker_data_problem(error: BaseException) -> Optional[str]:
+    """The message of a source's check that failed on a worker (e.g. a missing file), found in
+    the error a TFF call raised (the worker's gRPC status carries it), or None."""
+    details = getattr(error, "details", None)
+    text = details() if callable(details) else str(error)
+    found = re.search(r"\[([^\[\]]*" + re.escape(WORKER_CHECK) + r"[^\]]*)\]", text or "")
+    if not found:
+        return None
+    # The status message escapes quotes.
+    return " ".join(found.group(1).replace("\\'", "'").replace('\\"', '"').split())
 
 
 def check_codes(element_spec: Mapping) -> None:
