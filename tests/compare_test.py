@@ -24,9 +24,6 @@ SMALL = (
 CASES = {
     "small": SMALL,
     "unknown_algorithm": ("--algorithms=fedavg,nope",),
-    # The default task, digits_fewshot, takes no label noise (tests/quality_test.py checks the
-    # other flags shared through experiments/settings_flags.py).
-    "label_noise_on_digits_fewshot": ("--label_noise=0:1",),
     # Per-client aggregators need cohorts off (the default 25 is turned off, not an explicit 5):
     # one line before any task is built (the checks are `experiments/aggregator_flags.py`'s,
     # tested with train.py's bad input).
@@ -80,14 +77,6 @@ def test_unknown_algorithm_is_one_line_error_and_writes_nothing(runs):
     assert result.returncode != 0
     last = testing.last_line(result.stderr)
     assert "nope" in last and "fedavg" in last and "Traceback" not in result.stderr
-    assert not out.exists()
-
-
-def test_label_noise_on_a_task_without_it_exits_2_with_one_line(runs):
-    result, out = runs["label_noise_on_digits_fewshot"]
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "drop --label_noise" in lines[0], result.stderr
     assert not out.exists()
 
 

@@ -248,14 +248,10 @@ with runtime.local_execution():
 """
 
 
-def test_resume_after_kill_9_during_a_checkpoint_save_matches_uninterrupted(
-    tmp_path, task, built, uninterrupted
-):
-    process, spec = built
-    reference, _, _ = uninterrupted
-    paths = outputs.OutputPaths(str(tmp_path), "run")
+def _killed_child(scratch: pathlib.Path):
+    """The child's run in `scratch`: (CompletedProcess, its OutputPaths)."""
     child = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_KILLED_CHILD.format(root=str(tmp_path)))],
+        [sys.executable, "-c", textwrap.dedent(_KILLED_CHILD.format(root=str(scratch)))],
         cwd=REPO_ROOT,
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="3"),
         start_new_session=True,  # Its own process group, which it kills.
@@ -263,6 +259,24 @@ def test_resume_after_kill_9_during_a_checkpoint_save_matches_uninterrupted(
         text=True,
         timeout=300,
     )
+    return child, outputs.OutputPaths(str(scratch), "run")
+
+
+# Started early by conftest.py: the child mostly waits on its own worker.
+BACKGROUND_JOBS = {"killed_child": {"run": _killed_child}}
+
+
+@pytest.fixture(scope="module")
+def killed_child(background):
+    return background.results(__name__, "killed_child")["run"]
+
+
+def test_resume_after_kill_9_during_a_checkpoint_save_matches_uninterrupted(
+    killed_child, task, built, uninterrupted
+):
+    process, spec = built
+    reference, _, _ = uninterrupted
+    child, paths = killed_child
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     # Round 3's row was written (before its checkpoint), its checkpoint is a torn temporary.
     assert [r[program.ROUND_KEY] for r in _rows(paths.metrics_csv)] == ["1", "2", "3"]

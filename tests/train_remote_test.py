@@ -95,19 +95,10 @@ def _worker_dies(scratch: pathlib.Path, num_workers: int = 1) -> dict:
 
 
 def _refused(scratch: pathlib.Path) -> dict:
-    """Runs on several workers that must be refused before anything is written."""
+    """A run on several workers that must be refused before anything is written (several rounds
+    in one call are refused before any worker is contacted: tests/train_test.py's bad input)."""
     root = scratch / "out"
     runs = {}
-    # Several rounds in one call chain aggregations: refused before any worker is contacted (none
-    # runs here). (mfl's two-phase round runs phase by phase: tests/multi_worker_test.py.)
-    runs["rounds_per_call"] = testing.run_binary(
-        "train",
-        *testing.tiny_flags(ROUNDS),
-        "--rounds_per_call=2",
-        f"--root_output_dir={root}",
-        "--execution=remote",
-        "--worker=localhost:1,localhost:2",
-    )
     # The first worker answers, the second does not: the error names the second.
     with testing.operator_worker() as service:
         runs["silent_second"] = testing.run_binary(
@@ -237,9 +228,5 @@ def _assert_refused(run, expected: str) -> None:
 
 
 def test_what_cannot_run_on_several_workers_is_refused_before_writing(refused):
-    _assert_refused(
-        refused["runs"]["rounds_per_call"],
-        "--rounds_per_call=2 chains rounds in one TFF call, which cannot run on several workers",
-    )
     _assert_refused(refused["runs"]["silent_second"], "no TFF worker answered at localhost:1")
     assert not refused["root"].exists()
