@@ -10,8 +10,6 @@ two workers is in tests/multi_worker_test.py.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -26,8 +24,8 @@ OPTIONS = {
     "digits": dict(num_train_clients=20, num_eval_clients=4),
     "digits_fewshot": dict(num_train_clients=40, num_eval_clients=3),
 }
-# sha256 of `_digest`'s clients of each default task, computed with the code from before pool mode
-# existed: the default clients must stay bit-identical.
+# `testing.digest(testing.packed_sample(task))` of each default task, computed with the code from
+# before pool mode existed: the default clients must stay bit-identical.
 DEFAULT_DIGESTS = {
     "digits": "b2137c1810f000c7434fa99f1e4ed0460011404803b686eeec27ba84eb24d02f",
     "digits_fewshot": "3f8b698879db1fc37cc5c3475ddc05bde4907931100b7a7dc1b708d051408f76",
@@ -45,49 +43,26 @@ def tasks(request):
     )
 
 
-def _packed(task) -> list:
-    """Three training clients packed for their fixed split and rounds 1 and 2, and two held-out."""
-    ids = task.train_data.client_ids[:3]
-    packed = [task.train_clients(ids, r) for r in (None, 1, 2)]
-    return packed + [task.eval_clients(task.eval_data.client_ids[:2])]
-
-
-def _digest(values) -> str:
-    digest = hashlib.sha256()
-    for a in tf.nest.flatten(values):
-        digest.update(str((a.dtype, a.shape)).encode())
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
-
-
-def _assert_identical(want, got) -> None:
-    tf.nest.assert_same_structure(want, got)
-    for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
-        g = np.asarray(g)
-        assert w.dtype == g.dtype and w.shape == g.shape
-        np.testing.assert_array_equal(w, g)
-
-
 def test_the_default_task_is_unchanged(tasks):
     default, pooled = tasks
     assert default.example_source is None and not default.data_on_workers
     assert pooled.data_on_workers
-    assert _digest(_packed(default)) == DEFAULT_DIGESTS[default.name]
+    assert testing.digest(testing.packed_sample(default)) == DEFAULT_DIGESTS[default.name]
 
 
 def test_gathered_clients_are_the_default_tasks_exactly(tasks):
     default, pooled = tasks
-    for want, got in zip(_packed(default), _packed(pooled)):
+    for want, got in zip(testing.packed_sample(default), testing.packed_sample(pooled)):
         for client_want, client_got in zip(want, got):
             assert client_got["support"]["x"].dtype == np.int32
-            _assert_identical(
+            testing.assert_identical(
                 client_want, example_sources.build_on_worker(client_got, pooled.example_source)
             )
         # Cohorts: stacked clients (padded with an empty one) gather in one call.
         for cohort_want, cohort_got in zip(
             cohorts.make_cohorts(want, 2), cohorts.make_cohorts(got, 2)
         ):
-            _assert_identical(
+            testing.assert_identical(
                 cohort_want, example_sources.build_on_worker(cohort_got, pooled.example_source)
             )
     # The computations' client type: the same, with x int32 indices of the features' leading axes.

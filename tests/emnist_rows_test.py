@@ -9,7 +9,6 @@ fewer bytes; and a worker without the file fails with a message naming the path.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sqlite3
 
@@ -22,8 +21,8 @@ from mfl_tff.algorithms import cohorts
 from mfl_tff.data import emnist, emnist_rows, example_sources, packing, registry
 from tests import testing
 
-# sha256 of `_digest(_packed(task))` of the default task (only_digits, then all 62 classes),
-# computed on the `emnist_dir` file with the code from before `data_on_workers` existed.
+# `testing.digest(testing.packed_sample(task))` of the default task (only_digits, then all 62
+# classes), computed on the `emnist_dir` file with the code from before `data_on_workers` existed.
 DEFAULT_DIGESTS = {
     True: "899f91fe2e0d83abc6edf67b47c4df32d0f7472e803ff1f619dd72da1b85e1b2",
     False: "8c43b5bafac3c8a259a3eebffcbeb42f8ac52f60e8ed1ccecacd5d68f35aae18",
@@ -50,33 +49,10 @@ def tasks(request, emnist_dir):
     )
 
 
-def _packed(task) -> list:
-    """Three training clients packed for their fixed split and rounds 1 and 2, and two held-out."""
-    ids = task.train_data.client_ids[:3]
-    packed = [task.train_clients(ids, r) for r in (None, 1, 2)]
-    return packed + [task.eval_clients(task.eval_data.client_ids[:2])]
-
-
-def _digest(values) -> str:
-    digest = hashlib.sha256()
-    for a in tf.nest.flatten(values):
-        digest.update(str((a.dtype, a.shape)).encode())
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
-
-
-def _assert_identical(want, got) -> None:
-    tf.nest.assert_same_structure(want, got)
-    for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
-        g = np.asarray(g)
-        assert w.dtype == g.dtype and w.shape == g.shape
-        np.testing.assert_array_equal(w, g)
-
-
 def test_the_default_task_is_unchanged(tasks):
     only_digits, default, on_workers = tasks
     assert not default.data_on_workers and on_workers.data_on_workers
-    assert _digest(_packed(default)) == DEFAULT_DIGESTS[only_digits]
+    assert testing.digest(testing.packed_sample(default)) == DEFAULT_DIGESTS[only_digits]
 
 
 def test_rows_read_back_are_the_default_tasks_clients_exactly(tasks, emnist_dir):
@@ -84,11 +60,11 @@ def test_rows_read_back_are_the_default_tasks_clients_exactly(tasks, emnist_dir)
     source = on_workers.example_source
     assert isinstance(source, emnist_rows.EmnistRows)
     assert source.path == emnist.cache_file_path(emnist_dir[0])  # the driver's file by default
-    wants, gots = _packed(default), _packed(on_workers)
+    wants, gots = testing.packed_sample(default), testing.packed_sample(on_workers)
     for want, got in zip(wants, gots):
         assert got[0]["support"]["x"].dtype == np.int32
         # Stacked clients (any leading axes) read back in one call.
-        _assert_identical(
+        testing.assert_identical(
             packing.stack_clients(want),
             example_sources.build_on_worker(packing.stack_clients(got), source),
         )
@@ -96,9 +72,9 @@ def test_rows_read_back_are_the_default_tasks_clients_exactly(tasks, emnist_dir)
     # alone: only padding, read as zeros.
     want, got = wants[1], gots[1]
     for cohort_want, cohort_got in zip(cohorts.make_cohorts(want, 2), cohorts.make_cohorts(got, 2)):
-        _assert_identical(cohort_want, example_sources.build_on_worker(cohort_got, source))
+        testing.assert_identical(cohort_want, example_sources.build_on_worker(cohort_got, source))
     empty = tf.nest.map_structure(np.zeros_like, got[0])
-    _assert_identical(
+    testing.assert_identical(
         tf.nest.map_structure(np.zeros_like, want[0]),
         example_sources.build_on_worker(empty, source),
     )
@@ -176,7 +152,7 @@ def test_on_the_worker(emnist_dir, tff_local_execution, tmp_path):
 
         return read
 
-    _assert_identical(want, read_on_worker(on_workers.example_source)(got))
+    testing.assert_identical(want, read_on_worker(on_workers.example_source)(got))
 
     # A worker without the file: the computation fails with the message naming the path.
     missing = str(tmp_path / "elsewhere" / emnist.CACHE_FILE_NAME)

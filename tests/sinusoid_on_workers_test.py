@@ -9,8 +9,6 @@ the sample sizes), the default task's support sizes and masks, and the grid of `
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,11 +16,12 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import cohorts
 from mfl_tff.data import example_sources, packing, sinusoid
+from tests import testing
 
 SHOTS = 10
 GRID = np.linspace(-5.0, 5.0, 100).astype(np.float32)
-# sha256 of `_digest(_packed(task))` of the default tasks (data_on_workers=False), computed with
-# the code from before data_on_workers existed: the default clients stay bit-identical.
+# `testing.digest(testing.packed_sample(task))` of the default tasks (data_on_workers=False),
+# computed with the code from before data_on_workers existed: the default clients stay identical.
 DEFAULT_DIGESTS = {
     "fixed": "418d0cfe482e5b7439d5dd67357710233586d780ea1baea589b1dcd9bebf30b6",
     "hetero": "6f8c6f7f87256de997c82543629ec42fecf97165f2a81600568993ab062efe95",
@@ -33,25 +32,11 @@ OPTIONS = {
 }
 
 
-def _packed(task) -> list:
-    ids = task.train_data.client_ids[:3]
-    packed = [task.train_clients(ids, r) for r in (None, 1, 2)]
-    return packed + [task.eval_clients(task.eval_data.client_ids[:2])]
-
-
-def _digest(values) -> str:
-    digest = hashlib.sha256()
-    for a in tf.nest.flatten(values):
-        digest.update(str((a.dtype, a.shape)).encode())
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
-
-
 @pytest.mark.parametrize("case", sorted(OPTIONS))
 def test_the_default_tasks_are_unchanged(case):
     task = sinusoid.build_sinusoid(**OPTIONS[case])
     assert task.example_source is None
-    assert _digest(_packed(task)) == DEFAULT_DIGESTS[case]
+    assert testing.digest(testing.packed_sample(task)) == DEFAULT_DIGESTS[case]
 
 
 _BUILDERS = {}

@@ -10,8 +10,6 @@ and types.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,32 +17,19 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import cohorts
 from mfl_tff.data import example_sources, packing, synthetic
+from tests import testing
 
-# sha256 of `_digest(_packed(task))` of the default task (data_on_workers=False), computed with
-# the code from before data_on_workers existed: the default clients stay bit-identical.
+# `testing.digest(testing.packed_sample(task))` of the default task (data_on_workers=False),
+# computed with the code from before data_on_workers existed: the default clients stay identical.
 DEFAULT_DIGEST = "13ab2ad9f3fe4a6c2ee8c90dbb91f17005bc7febd99ac180c0c7749ecb2e6837"
 OPTIONS = dict(num_train_clients=20, num_eval_clients=5)
 SCALE = np.arange(1, 61) ** -0.6  # the inputs' standard deviations around v
 
 
-def _packed(task) -> list:
-    ids = task.train_data.client_ids[:3]
-    packed = [task.train_clients(ids, r) for r in (None, 1, 2)]
-    return packed + [task.eval_clients(task.eval_data.client_ids[:2])]
-
-
-def _digest(values) -> str:
-    digest = hashlib.sha256()
-    for a in tf.nest.flatten(values):
-        digest.update(str((a.dtype, a.shape)).encode())
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
-
-
 def test_the_default_task_is_unchanged():
     task = synthetic.build_synthetic(**OPTIONS)
     assert task.example_source is None
-    assert _digest(_packed(task)) == DEFAULT_DIGEST
+    assert testing.digest(testing.packed_sample(task)) == DEFAULT_DIGEST
 
 
 @pytest.fixture(scope="module")

@@ -697,3 +697,29 @@ def mlp_squared_error(weights: Sequence[tf.Tensor], examples) -> tf.Tensor:
     """Mean squared error of float targets shaped like the output."""
     x, y = examples
     return tf.reduce_mean(tf.square(mlp_output(weights, x) - y))
+
+
+def packed_sample(task) -> list:
+    """Three training clients packed for their fixed split and rounds 1 and 2, and two held-out:
+    what the data tests digest and compare between a task's variants."""
+    ids = task.train_data.client_ids[:3]
+    packed = [task.train_clients(ids, r) for r in (None, 1, 2)]
+    return packed + [task.eval_clients(task.eval_data.client_ids[:2])]
+
+
+def digest(values) -> str:
+    """sha256 of a structure of arrays: dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for a in tf.nest.flatten(values):
+        digest.update(str((a.dtype, a.shape)).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def assert_identical(want, got) -> None:
+    """The same structure, dtypes, shapes and values, bit for bit."""
+    tf.nest.assert_same_structure(want, got)
+    for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+        g = np.asarray(g)
+        assert w.dtype == g.dtype and w.shape == g.shape
+        np.testing.assert_array_equal(w, g)
