@@ -45,7 +45,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from experiments import aggregator_flags, settings_flags  # noqa: E402
 from mfl_tff.algorithms import builders, communication  # noqa: E402
-from mfl_tff.data import registry  # noqa: E402
+from mfl_tff.data import example_sources, registry  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.evaluation import summaries  # noqa: E402
 from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
@@ -356,6 +356,11 @@ def main(argv: list[str]) -> None:
             "the same command.\n"
         )
         sys.exit(EXIT_WORKER_LOST)
+    except Exception as e:  # noqa: BLE001  (re-raised unless a worker lacks the task's data)
+        problem = example_sources.worker_data_problem(e)
+        if problem is None:
+            raise
+        _fail(f"--data_on_workers: {problem}")
     table = _table(task, settings, results, target)
     with open(os.path.join(_OUTPUT_DIR.value, "comparison.md"), "w") as f:
         f.write(table)
