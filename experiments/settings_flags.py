@@ -84,6 +84,15 @@ DATA_ON_WORKERS = flags.DEFINE_bool(
     "clients; sinusoid and synthetic generated there (same distribution, another random "
     "stream). See the README's 'Several workers'.",
 )
+DATA_CACHE_DIR = flags.DEFINE_string(
+    "data_cache_dir", None, "emnist: directory holding emnist_all.sqlite; empty: ~/.tff."
+)
+WORKER_DATA_CACHE_DIR = flags.DEFINE_string(
+    "worker_data_cache_dir",
+    None,
+    "emnist with --data_on_workers: directory holding emnist_all.sqlite on each worker, if not "
+    "the driver's --data_cache_dir.",
+)
 META_MODEL = flags.DEFINE_enum(
     "meta_model",
     "rates",
@@ -134,7 +143,7 @@ def explicit() -> set[str]:
 
 
 def task_options() -> dict[str, Any]:
-    """--shots and --label_noise as task options, those given only (call `check()` first)."""
+    """The data flags as task options, those given only (call `check()` first)."""
     options = {}
     if SHOTS.value is not None:
         options["shots"] = settings_lib.parse_shots(SHOTS.value)
@@ -142,6 +151,9 @@ def task_options() -> dict[str, Any]:
         options["label_noise"] = settings_lib.parse_noise(LABEL_NOISE.value)
     if DATA_ON_WORKERS.value:
         options["data_on_workers"] = True
+    for flag in (DATA_CACHE_DIR, WORKER_DATA_CACHE_DIR):
+        if flag.value is not None:
+            options[flag.name] = flag.value
     return options
 
 

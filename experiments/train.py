@@ -374,6 +374,7 @@ def _build_task(data_on_workers: Optional[bool] = None) -> FederatedTask:
         "dirichlet_concentration": cfg.DIRICHLET.value,
         "model": cfg.MODEL.value,
         "data_cache_dir": cfg.DATA_CACHE_DIR.value,
+        "worker_data_cache_dir": cfg.WORKER_DATA_CACHE_DIR.value,
         "data_on_workers": (
             cfg.DATA_ON_WORKERS.value if data_on_workers is None else data_on_workers
         )

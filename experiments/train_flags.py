@@ -209,6 +209,12 @@ MODEL = flags.DEFINE_string(
 DATA_CACHE_DIR = flags.DEFINE_string(
     "data_cache_dir", None, "emnist: directory holding emnist_all.sqlite; empty: ~/.tff."
 )
+WORKER_DATA_CACHE_DIR = flags.DEFINE_string(
+    "worker_data_cache_dir",
+    None,
+    "emnist with --data_on_workers: directory holding emnist_all.sqlite on each worker, if not "
+    "the driver's --data_cache_dir.",
+)
 
 # ---- Evaluation, checkpoints, output ----
 EVAL_ADAPTATION_STEPS = flags.DEFINE_integer(
@@ -282,6 +288,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "root_output_dir",
         "experiment_name",
         "data_cache_dir",
+        "worker_data_cache_dir",
         "execution",
         "worker",
         "worker_timeout",

@@ -524,6 +524,24 @@ def test_data_on_workers_reaches_the_task(tmp_path, capsys, monkeypatch):
     assert task.name == "digits_fewshot" and task.data_on_workers
 
 
+def test_emnist_cache_flags_reach_the_driver_and_the_workers(
+    emnist_dir, tmp_path, capsys, monkeypatch
+):
+    directory = emnist_dir[0]
+    argv = [
+        "--task=emnist",
+        "--data_on_workers",
+        f"--data_cache_dir={directory}",
+        "--worker_data_cache_dir=/data/on/the/workers",
+        "--clients_per_round=3",
+        f"--num_eval_clients={testing.NUM_EVAL}",
+    ]
+    task, _, _ = _built_in_process(argv, tmp_path, capsys, monkeypatch)
+    # The driver read its own file (its writers are the clients); the workers read theirs.
+    assert len(task.train_data.client_ids) + testing.NUM_EVAL == testing.NUM_WRITERS
+    assert task.example_source.path == "/data/on/the/workers/emnist_all.sqlite"
+
+
 def test_meta_model_flags_default_to_the_algorithms_defaults(tmp_path, capsys, monkeypatch):
     _, options, _ = _built_in_process(HETEROGENEOUS[:5], tmp_path, capsys, monkeypatch)
     defaults = builders.AlgorithmOptions()
