@@ -87,6 +87,42 @@ def test_equal_computation_built_anew_is_not_compiled_again(context):
     assert sum(e.computations_sent for e in executors) == 2  # a new object is sent once
 
 
+def _proto_bytes(comp) -> bytes:
+    return comp.to_building_block().proto.SerializeToString(deterministic=True)
+
+
+def test_a_disk_cache_compiles_once_across_caches_and_survives_a_damaged_file(tmp_path):
+    # Each cache stands for another process: only the directory is shared.
+    def fresh(tag="native"):
+        compiler = CountingCompiler()
+        return compiler, computation_cache.CompilationCache(
+            compiler, disk_dir=str(tmp_path), compiler_tag=tag
+        )
+
+    compiler, first = fresh()
+    compiled = first.compile(_federated_sum())
+    assert compiler.calls == 1 and first.compilations == 1
+    (path,) = tmp_path.glob("*.pb")
+
+    compiler, second = fresh()
+    again = second.compile(_federated_sum())  # built anew, as by a rerun
+    assert compiler.calls == 0 and second.disk_hits == 1
+    assert _proto_bytes(again) == _proto_bytes(compiled)
+    with runtime.local_execution():
+        assert float(again([1.0, 2.0, 3.5])) == 6.5
+
+    # Another compiler (e.g. secure sums simulated) is another key.
+    compiler, other = fresh("other compiler")
+    other.compile(_federated_sum())
+    assert compiler.calls == 1 and len(list(tmp_path.glob("*.pb"))) == 2
+
+    # A damaged file is compiled again and rewritten, not used.
+    path.write_bytes(b"not a computation")
+    compiler, third = fresh()
+    recompiled = third.compile(_federated_sum())
+    assert compiler.calls == 1 and path.read_bytes() == _proto_bytes(recompiled)
+
+
 def test_each_cardinality_gets_its_own_executor_and_values(context):
     compiler, executors = context
     total = _federated_sum()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Optional, Union
@@ -82,6 +83,8 @@ __all__ = [
 # The URIs of TFF's secure intrinsics all start with this (`federated_secure_sum`,
 # `federated_secure_sum_bitwidth`, `federated_secure_modular_sum`, `federated_secure_select`).
 _SECURE_URI_PREFIX = "federated_secure_"
+# A directory for compiled computations kept across processes (`computation_cache`); unset: off.
+COMPILATION_CACHE_ENV = "MFL_TFF_COMPILATION_CACHE"
 
 
 class SecureSumsNotSimulatedError(ValueError):
@@ -172,7 +175,11 @@ def _build_context(
     """Builds the context of `create_execution_context` and returns it with its channel."""
     # TFF's native compiler runs in the executors, once per computation, and each computation is
     # sent to the worker once (`mfl_tff.training.computation_cache`; TFF resends it every call).
-    compilations = computation_cache.CompilationCache(_compiler(simulate_secure_sums))
+    compilations = computation_cache.CompilationCache(
+        _compiler(simulate_secure_sums),
+        disk_dir=os.environ.get(COMPILATION_CACHE_ENV) or None,
+        compiler_tag="native, secure sums simulated" if simulate_secure_sums else "native",
+    )
     factory, channel = _executor_factory(
         target,
         compilations,
