@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 from absl import flags
 
+from experiments import cache_flags
+from experiments.cache_flags import DATA_CACHE_DIR, WORKER_DATA_CACHE_DIR
 from mfl_tff.data import registry
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.settings import TaskSettings
@@ -84,15 +86,8 @@ DATA_ON_WORKERS = flags.DEFINE_bool(
     "clients; sinusoid and synthetic generated there (same distribution, another random "
     "stream). See the README's 'Several workers'.",
 )
-DATA_CACHE_DIR = flags.DEFINE_string(
-    "data_cache_dir", None, "emnist: directory holding emnist_all.sqlite; empty: ~/.tff."
-)
-WORKER_DATA_CACHE_DIR = flags.DEFINE_string(
-    "worker_data_cache_dir",
-    None,
-    "emnist with --data_on_workers: directory holding emnist_all.sqlite on each worker, if not "
-    "the driver's --data_cache_dir.",
-)
+# The cache flags are these binaries' own too (listed by --helpshort, recorded with the settings).
+flags.adopt_module_key_flags(cache_flags)
 META_MODEL = flags.DEFINE_enum(
     "meta_model",
     "rates",

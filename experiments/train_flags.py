@@ -15,7 +15,7 @@ import os
 
 from absl import flags
 
-from experiments import aggregator_flags
+from experiments import aggregator_flags, cache_flags
 from experiments.aggregator_flags import (  # noqa: F401  (re-exported: train.py reads them here)
     AGGREGATOR,
     CLIP_NORM,
@@ -27,6 +27,7 @@ from experiments.aggregator_flags import (  # noqa: F401  (re-exported: train.py
     UsageError,
     require,
 )
+from experiments.cache_flags import DATA_CACHE_DIR, WORKER_DATA_CACHE_DIR  # noqa: F401
 from mfl_tff.algorithms import builders, mfl
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.task import FederatedTask
@@ -206,15 +207,9 @@ DIRICHLET = flags.DEFINE_float(
 MODEL = flags.DEFINE_string(
     "model", None, "Model of digits/digits_fewshot/emnist: mlp or cnn; empty: the task's default."
 )
-DATA_CACHE_DIR = flags.DEFINE_string(
-    "data_cache_dir", None, "emnist: directory holding emnist_all.sqlite; empty: ~/.tff."
-)
-WORKER_DATA_CACHE_DIR = flags.DEFINE_string(
-    "worker_data_cache_dir",
-    None,
-    "emnist with --data_on_workers: directory holding emnist_all.sqlite on each worker, if not "
-    "the driver's --data_cache_dir.",
-)
+# The cache flags (cache_flags.py) are this binary's own: listed by --helpshort and recorded in
+# hparams.csv.
+flags.adopt_module_key_flags(cache_flags)
 
 # ---- Evaluation, checkpoints, output ----
 EVAL_ADAPTATION_STEPS = flags.DEFINE_integer(
