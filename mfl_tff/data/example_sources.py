@@ -26,7 +26,7 @@ import abc
 import collections
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -166,6 +166,7 @@ class GeneratedSource(ExampleSource):
         self._key = np.array(
             [(int(seed) & 0xFFFFFFFF) << 32 | zlib.crc32(name.encode())], np.uint64
         )
+        self._on_driver = {}
 
     @staticmethod
     def parse(client_id: str) -> tuple[str, int]:
@@ -202,6 +203,23 @@ class GeneratedSource(ExampleSource):
         key = tf.constant(self._key)
         client = kind * 2**31 + number
         return _per_key(client, lambda c: draw(Streams(key, c, _CLIENT_STREAMS)), signature)
+
+    def drawn_on_driver(self, client_ids: Sequence[str], draw, signature):
+        """`per_client(draw)` of the clients named by `client_ids`, as numpy, run on the driver
+        by the same ops as on the worker (to inspect a client's wave or model, and in tests)."""
+        if draw.__name__ not in self._on_driver:
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)] * 2)
+            def values(kind, number):
+                return self.per_client(kind, number, draw, signature)
+
+            self._on_driver[draw.__name__] = values
+        kinds, numbers = zip(*(self.parse(c) for c in client_ids))
+        kinds = np.array([self._kinds.index(k) for k in kinds], np.int64)
+        values = self._on_driver[draw.__name__](
+            tf.constant(kinds), tf.constant(np.array(numbers, np.int64))
+        )
+        return tf.nest.map_structure(lambda v: v.numpy(), values)
 
     def per_example(self, kind, number, slot, draw, signature):
         """Per-example draws: `draw(streams)` gives a block of `BLOCK` slots (leading axis), and

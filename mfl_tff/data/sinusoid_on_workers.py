@@ -77,7 +77,6 @@ class SineSource(example_sources.GeneratedSource):
         self.label_noise = label_noise
         # The held-out query inputs, exactly the default task's (`np.linspace`, then float32).
         self.grid = np.linspace(*input_range, num=eval_query_points).astype(np.float32)
-        self._waves = None
 
     def client_arrays(self, client_id: str, num_support: int) -> collections.OrderedDict:
         """The driver's side: codes of the first `num_support` support slots and every query
@@ -122,17 +121,8 @@ class SineSource(example_sources.GeneratedSource):
     def waves(self, client_ids: Sequence[str]) -> np.ndarray:
         """[len(client_ids), 3] float64: each client's (amplitude, phase, sigma), drawn by the
         same ops as `build` (on the driver, for inspection and tests)."""
-        if self._waves is None:
-
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)] * 2)
-            def waves(kind, number):
-                wave = self.per_client(kind, number, self._draw_client, _CLIENT_SPEC)
-                return tf.stack(list(wave.values()), axis=-1)
-
-            self._waves = waves
-        kinds, numbers = zip(*(self.parse(c) for c in client_ids))
-        kinds = np.array([self._kinds.index(k) for k in kinds], np.int64)
-        return self._waves(tf.constant(kinds), tf.constant(np.array(numbers, np.int64))).numpy()
+        wave = self.drawn_on_driver(client_ids, self._draw_client, _CLIENT_SPEC)
+        return np.stack(list(wave.values()), axis=-1)
 
     def wave(self, client_id: str) -> tuple[float, float, float]:
         """A client's (amplitude, phase, sigma)."""

@@ -65,7 +65,6 @@ class SyntheticSource(example_sources.GeneratedSource):
             v=tf.TensorSpec([dim], tf.float64),
         )
         self._block_spec = tf.TensorSpec([self.BLOCK, dim], tf.float64)
-        self._models = None
 
     def client_arrays(self, client_id: str, size: int) -> collections.OrderedDict:
         """The driver's side: the codes of the client's `size` examples and placeholder labels."""
@@ -98,17 +97,7 @@ class SyntheticSource(example_sources.GeneratedSource):
     def client_models(self, client_ids: Sequence[str]) -> collections.OrderedDict:
         """The clients' u, b_mean, w [dim, classes], bias and v, stacked, as numpy float64, drawn
         by the same ops as `build` (on the driver, for inspection and tests)."""
-        if self._models is None:
-
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)] * 2)
-            def models(kind, number):
-                return self.per_client(kind, number, self._draw_client, self._client_spec)
-
-            self._models = models
-        kinds, numbers = zip(*(self.parse(c) for c in client_ids))
-        kinds = np.array([self._kinds.index(k) for k in kinds], np.int64)
-        values = self._models(tf.constant(kinds), tf.constant(np.array(numbers, np.int64)))
-        return collections.OrderedDict((k, v.numpy()) for k, v in values.items())
+        return self.drawn_on_driver(client_ids, self._draw_client, self._client_spec)
 
     def client_model(self, client_id: str) -> collections.OrderedDict:
         """One client's `client_models`."""
