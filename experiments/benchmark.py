@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import benchmarking as bm  # noqa: E402
-from experiments import end_to_end, worker_scaling  # noqa: E402
+from experiments import end_to_end, round_anatomy, worker_scaling  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.training import runtime  # noqa: E402
@@ -183,6 +183,7 @@ def _ours(name: str, task, rounds, inner_steps: int, cohort_size):
     client_values_s = (time.perf_counter() - begin) / len(rounds)
     runner = bm.ProcessRunner(process, values, build_s=build_s)
     runner.client_values_s = client_values_s
+    runner.federated_calls = round_anatomy.intrinsic_calls(process.next)
     bm.time_calls(runner.run_round, _WARMUP.value, start=1)
     return runner
 
@@ -295,6 +296,7 @@ def run() -> dict:
                 tf_floor_round_time_s=floor,
                 cohort_size=_cohort(n),
                 client_values_s_per_round=runner.client_values_s,
+                federated_calls_per_round=runner.federated_calls,
             )
         for name in _UNSTACKED.value:
             print(f"Ours: {name} (no cohorts) ...", flush=True)
@@ -403,9 +405,11 @@ def _end_to_end() -> dict:
             warm_rounds=480,
             span=_END_TO_END_SPAN.value,
         )
+        task = registry.get_task(task_name)
+        options = builders.AlgorithmOptions.from_settings(task.settings)
+        process, _ = builders.build_algorithm(algorithm, task, options)
+        measured["federated_calls_per_round"] = round_anatomy.intrinsic_calls(process.next)
         if task_name == "sinusoid":
-            task = registry.get_task(task_name)
-            options = builders.AlgorithmOptions.from_settings(task.settings)
             floor = bm.XLAFloor(algorithm, task, options, task.settings.clients_per_round)
             floor.run_round()
             measured["xla_floor_ms"] = (

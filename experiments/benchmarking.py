@@ -367,6 +367,12 @@ def targets(report: dict) -> list:
     ]
 
 
+def _calls(entry: dict) -> str:
+    """A round's intrinsic calls (`experiments.round_anatomy`), or '-' if not counted."""
+    calls = entry.get("federated_calls_per_round")
+    return "-" if not calls else str(calls["intrinsic_calls"])
+
+
 def format_report(report: dict) -> str:
     """A benchmark report as markdown tables: rounds, scaling, memory, targets."""
     peer = report["peer_fedavg_round_time_s"]
@@ -378,8 +384,8 @@ def format_report(report: dict) -> str:
         f"{report['machine']['cpus']} CPUs, {report['machine']['gpus']} GPUs.",
         "",
         "| algorithm | round ms (median) | min-max ms | x peer FedAvg | TF floor ms | x floor "
-        "| first round s |",
-        "|---|---|---|---|---|---|---|",
+        "| first round s | intrinsic calls |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def row(label, entry):
@@ -389,7 +395,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"| {label} | {_ms(t['median'])} | {_ms(t['min'])}-{_ms(t['max'])} | "
             f"{_x(entry['ratio_to_peer_fedavg'])} | {floor_ms} | {_x(entry['ratio_to_tf_floor'])} "
-            f"| {entry['first_round_s']:.1f} |"
+            f"| {entry['first_round_s']:.1f} | {_calls(entry)} |"
         )
 
     for name, entry in report["algorithms"].items():
@@ -403,7 +409,7 @@ def format_report(report: dict) -> str:
     lines.append(
         f"| TFF build_weighted_fed_avg (peer) | {_ms(peer)} | {_ms(p['round_time_s']['min'])}-"
         f"{_ms(p['round_time_s']['max'])} | 1.00x | {_ms(report['tf_floor_round_time_s'])} | "
-        f"{_x(_ratio(peer, report['tf_floor_round_time_s']))} | {p['first_round_s']:.1f} |"
+        f"{_x(_ratio(peer, report['tf_floor_round_time_s']))} | {p['first_round_s']:.1f} | - |"
     )
     lines += [
         "",
@@ -442,8 +448,8 @@ def format_report(report: dict) -> str:
         lines += [
             "",
             "| training program (end to end) | round | ms per round | driver CPU ms "
-            "| worker CPU ms | round | ms per round | XLA floor ms | x floor |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| worker CPU ms | round | ms per round | XLA floor ms | x floor | intrinsic calls |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label, entry in report["end_to_end"].items():
             near, far, floor = entry["near"], entry["far"], entry.get("xla_floor_ms")
@@ -452,7 +458,7 @@ def format_report(report: dict) -> str:
                 f"{near['driver_cpu_ms_per_round']:.1f} | {near['worker_cpu_ms_per_round']:.1f} | "
                 f"{far['round']} | {far['ms_per_round']:.1f} | "
                 f"{'-' if floor is None else f'{floor:.2f}'} | "
-                f"{_x(_ratio(near['ms_per_round'], floor))} |"
+                f"{_x(_ratio(near['ms_per_round'], floor))} | {_calls(entry)} |"
             )
     lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
     for t in report["targets"]:

@@ -29,7 +29,7 @@ from experiments import settings_flags
 from mfl_tff.algorithms import builders
 from mfl_tff.data import registry
 from mfl_tff.data import settings as settings_lib
-from mfl_tff.training import personalize, rounds, runtime
+from mfl_tff.training import personalize, program, rounds, runtime
 
 _TASK = flags.DEFINE_string("task", "sinusoid", "Task name (see mfl_tff.data.task_names()).")
 _ALGORITHMS = flags.DEFINE_list(
@@ -118,6 +118,12 @@ def _train_and_evaluate(
         )
         _write_row(task, name, round_num, report, trained_s, reached.get("round"), settings)
 
+    def state_needed(round_num: int) -> bool:
+        probe = _TARGET.value is not None and _EVAL_EVERY.value
+        return round_num in checkpoints or bool(probe and round_num % _EVAL_EVERY.value == 0)
+
+    # Long runs chain rounds in one TFF call, as the training program does by default.
+    per_call = program.default_rounds_per_call(checkpoints[-1])
     rounds.run_rounds(
         process,
         spec,
@@ -125,6 +131,8 @@ def _train_and_evaluate(
         clients_per_round=settings.clients_per_round,
         rounds=range(1, checkpoints[-1] + 1),
         after_round=after_round,
+        multi_round=rounds.MultiRound(process, per_call) if per_call > 1 else None,
+        state_needed=state_needed,
     )
 
 

@@ -281,7 +281,10 @@ def _train() -> None:
         rounds_per_checkpoint=cfg.ROUNDS_PER_CHECKPOINT.value,
         checkpoints_to_keep=cfg.CHECKPOINTS_TO_KEEP.value,
         rounds_per_log=cfg.ROUNDS_PER_LOG.value,
-        rounds_per_call=cfg.ROUNDS_PER_CALL.value,
+        rounds_per_call=cfg.ROUNDS_PER_CALL.value
+        or program.default_rounds_per_call(
+            cfg.TOTAL_ROUNDS.value - start_round, workers=max(1, len(cfg.workers()))
+        ),
         num_eval_clients=min(held_out, cfg.NUM_EVAL_CLIENTS.value or cfg.DEFAULT_EVAL_CLIENTS),
     )
     outputs.write_hparams(paths.hparams_csv, hparams)

@@ -33,7 +33,7 @@ from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.meta import hparams as meta_hparams
 from mfl_tff.meta import meta_model as meta_model_lib
-from mfl_tff.training import multi_worker, worker
+from mfl_tff.training import multi_worker, program, worker
 
 # Held-out clients evaluated when --num_eval_clients is not given: enough for a stable mean and
 # p10, and a 100-client evaluation costs about a second (digits_fewshot's 500 take several).
@@ -235,9 +235,11 @@ ROUNDS_PER_LOG = flags.DEFINE_integer(
 )
 ROUNDS_PER_CALL = flags.DEFINE_integer(
     "rounds_per_call",
-    1,
+    0,
     "Rounds run by one TFF call (one federated computation of N rounds); a call always ends on "
-    "evaluation and checkpoint rounds. Results equal one round per call.",
+    "evaluation and checkpoint rounds. Results equal one round per call. 0 (default): "
+    f"{program.LONG_RUN_ROUNDS_PER_CALL} when the run has at least {program.LONG_RUN_ROUNDS:,} "
+    "rounds left to train on one worker (the longer compilation pays off), else 1.",
 )
 ROOT_OUTPUT_DIR = flags.DEFINE_string(
     "root_output_dir", "/tmp/mfl_tff", "Root of results/, checkpoints/ and logdir/."
@@ -311,7 +313,6 @@ def check_flags() -> None:
         "local_epochs": LOCAL_EPOCHS,
         "rounds_per_checkpoint": ROUNDS_PER_CHECKPOINT,
         "rounds_per_log": ROUNDS_PER_LOG,
-        "rounds_per_call": ROUNDS_PER_CALL,
         "num_train_clients": NUM_TRAIN_CLIENTS,
         "num_eval_clients": NUM_EVAL_CLIENTS,
         "eval_adaptation_steps": EVAL_ADAPTATION_STEPS,
@@ -333,6 +334,11 @@ def check_flags() -> None:
         "cohort_size": COHORT_SIZE,
     }.items():
         require(holder.value >= 0, f"--{name} must be >= 0 (0 turns it off), got {holder.value}.")
+    require(
+        ROUNDS_PER_CALL.value >= 0,
+        "--rounds_per_call must be >= 0 (0 chooses by the run's length), got "
+        f"{ROUNDS_PER_CALL.value}.",
+    )
     for name, holder in {
         "inner_lr": INNER_LR,
         "outer_lr": OUTER_LR,
@@ -512,7 +518,7 @@ def check_execution_flags() -> None:
     )
     # Several rounds in one call chain their aggregations, which TFF cannot split across workers.
     require(
-        len(targets) == 1 or ROUNDS_PER_CALL.value == 1,
+        len(targets) == 1 or ROUNDS_PER_CALL.value <= 1,
         f"--rounds_per_call={ROUNDS_PER_CALL.value} chains rounds in one TFF call, which cannot "
         "run on several workers; drop --rounds_per_call, or pass one --worker.",
     )

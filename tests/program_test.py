@@ -526,6 +526,13 @@ def test_program_config_rejects_out_of_range_values():
         _config(3, num_eval_clients=0)
 
 
+def test_rounds_per_call_by_default_chains_only_long_runs_on_one_worker():
+    long_run = program.LONG_RUN_ROUNDS
+    assert program.default_rounds_per_call(long_run - 1) == 1
+    assert program.default_rounds_per_call(long_run) == program.LONG_RUN_ROUNDS_PER_CALL > 1
+    assert program.default_rounds_per_call(10 * long_run, workers=2) == 1
+
+
 def test_format_duration():
     assert progress.format_duration(0) == "0:00"
     assert progress.format_duration(65.4) == "1:05"

@@ -299,6 +299,7 @@ BAD_INPUT = {
         ),
         "--rounds_per_call=2 chains rounds in one TFF call, which cannot run on several workers",
     ),
+    "negative_rounds_per_call": (("--rounds_per_call=-1",), "--rounds_per_call must be >= 0"),
     "dp_clip_norm_not_a_number": (
         ("--aggregator=dp", "--noise_multiplier=1", "--clip_norm=big"),
         "--clip_norm",
