@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import benchmarking as bm  # noqa: E402
-from experiments import end_to_end, round_anatomy, worker_scaling  # noqa: E402
+from experiments import end_to_end, floors, round_anatomy, worker_scaling  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.training import runtime  # noqa: E402
@@ -263,13 +263,13 @@ def run() -> dict:
     peer_steps = sum(steps) / len(steps)
     inner_steps = _INNER_STEPS.value or max(1, round(peer_steps))
 
-    floors, floor_times = {}, {}
+    tf_floors, floor_times = {}, {}
     for name in ["fedavg"] + [a for a in _ALGORITHMS.value if a != "fedavg"]:
-        if name not in bm.FLOOR_ALGORITHMS:
+        if name not in floors.FLOOR_ALGORITHMS:
             continue
         print(f"TF floor: {name} ...", flush=True)
-        floors[name] = bm.TFFloor(name, task, _options(inner_steps, None), rounds[n][0])
-        floor_times[name] = _time_floor(floors[name], rounds[n])
+        tf_floors[name] = floors.TFFloor(name, task, _options(inner_steps, None), rounds[n][0])
+        floor_times[name] = _time_floor(tf_floors[name], rounds[n])
 
     results = collections.OrderedDict()
     unstacked = collections.OrderedDict()
@@ -318,7 +318,9 @@ def run() -> dict:
                 peer_time if size == n else _timed(_peer(task, rounds[size], _INNER_LR.value))
             )
             floor_size = (
-                floor_times["fedavg"] if size == n else _time_floor(floors["fedavg"], rounds[size])
+                floor_times["fedavg"]
+                if size == n
+                else _time_floor(tf_floors["fedavg"], rounds[size])
             )
             scaling.append(
                 collections.OrderedDict(
@@ -336,7 +338,7 @@ def run() -> dict:
             if name not in runners:
                 runners[name] = _ours(name, task, rounds[n], inner_steps, _cohort(n))
             memory[name] = _memory(runners[name], service)
-    for floor in floors.values():
+    for floor in tf_floors.values():
         floor.close()
 
     def fit(key):
@@ -410,7 +412,7 @@ def _end_to_end() -> dict:
         process, _ = builders.build_algorithm(algorithm, task, options)
         measured["federated_calls_per_round"] = round_anatomy.intrinsic_calls(process.next)
         if task_name == "sinusoid":
-            floor = bm.XLAFloor(algorithm, task, options, task.settings.clients_per_round)
+            floor = floors.XLAFloor(algorithm, task, options, task.settings.clients_per_round)
             floor.run_round()
             measured["xla_floor_ms"] = (
                 1000 * bm.summarize(bm.time_calls(lambda _, f=floor: f.run_round(), 200))["median"]

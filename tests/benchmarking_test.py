@@ -1,17 +1,13 @@
-"""Tests of `mfl_tff.training.benchmarking`: the floor computes the same round as our processes,
-the peer's datasets take the same steps, and the statistics helpers."""
+"""Tests of `experiments.benchmarking`: the peer's datasets take the same steps as our packed
+clients, and the statistics helpers."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
 
 from experiments import benchmarking as bm
-from mfl_tff.algorithms import builders
 from mfl_tff.data import digits, packing
-from tests import testing
 
 CLIENTS = 3
 ROUNDS = 2
@@ -28,35 +24,6 @@ def task():
 @pytest.fixture(scope="module")
 def rounds(task):
     return bm.pack_rounds(task, CLIENTS, ROUNDS)
-
-
-# The floor composes any record the same way; mfl covers its paths: two phases, both streams,
-# the second phase seeing the alpha the first stepped. A one-phase record (meta_sgd, fedavg,
-# reptile) differs only in its client function and server optimizer; each further case costs
-# 15-30 s of compilation the suite's time budget does not have.
-@pytest.mark.parametrize(
-    "name, options",
-    [("mfl", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01))],
-)
-def test_floor_round_equals_our_process(task, rounds, name, options):
-    floor = bm.TFFloor(name, task, options, rounds[0])
-    initial = floor.weights()
-    process, spec = builders.build_algorithm(
-        name, task, dataclasses.replace(options, cohort_size=CLIENTS)
-    )
-    state = process.initialize()
-    for clients in rounds:
-        floor.run_round(floor.feed(clients))
-        state = process.next(state, spec.client_values(clients)).state
-    ours = process.get_model_weights(state).trainable
-    assert testing.max_abs_diff(floor.weights(), initial) > 1e-3  # it trained
-    assert testing.max_abs_diff(floor.weights(), ours) <= TOLERANCE
-    floor.close()
-
-
-def test_floor_names_the_choices_for_an_unknown_algorithm(task, rounds):
-    with pytest.raises(ValueError, match="choose one of: fedavg"):
-        bm.TFFloor("no_such_algorithm", task, builders.AlgorithmOptions(), rounds[0])
 
 
 def test_peer_dataset_has_one_batch_per_real_packed_batch(rounds):
