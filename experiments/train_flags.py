@@ -15,7 +15,7 @@ import os
 
 from absl import flags
 
-from experiments import aggregator_flags, cache_flags
+from experiments import aggregator_flags, cache_flags, execution_flags
 from experiments.aggregator_flags import (  # noqa: F401  (re-exported: train.py reads them here)
     AGGREGATOR,
     CLIP_NORM,
@@ -28,12 +28,19 @@ from experiments.aggregator_flags import (  # noqa: F401  (re-exported: train.py
     require,
 )
 from experiments.cache_flags import DATA_CACHE_DIR, WORKER_DATA_CACHE_DIR  # noqa: F401
+from experiments.execution_flags import (  # noqa: F401
+    EXECUTION,
+    EXECUTIONS,
+    WORKER,
+    WORKER_TIMEOUT,
+    workers,
+)
 from mfl_tff.algorithms import builders, mfl
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.task import FederatedTask
 from mfl_tff.meta import hparams as meta_hparams
 from mfl_tff.meta import meta_model as meta_model_lib
-from mfl_tff.training import multi_worker, program, worker
+from mfl_tff.training import program
 
 # Held-out clients evaluated when --num_eval_clients is not given: enough for a stable mean and
 # p10, and a 100-client evaluation costs about a second (digits_fewshot's 500 take several).
@@ -250,24 +257,9 @@ EXPERIMENT_NAME = flags.DEFINE_string(
     "Name of this run's subdirectories; empty: TASK_ALGORITHM. Rerunning with the same name "
     "resumes.",
 )
-EXECUTION = flags.DEFINE_string(
-    "execution",
-    "local",
-    "Where computations run: local (a TFF worker_binary started and stopped here) or remote (a "
-    "worker_binary already running at --worker, e.g. on another machine).",
-)
-WORKER = flags.DEFINE_string(
-    "worker",
-    None,
-    "--execution=remote: HOST:PORT of a running TFF worker_binary --port=PORT, or several "
-    "comma-separated (HOST:PORT,HOST:PORT,...) that share each round's clients.",
-)
-WORKER_TIMEOUT = flags.DEFINE_float(
-    "worker_timeout",
-    30.0,
-    "--execution=remote: seconds to wait for each worker to answer, at the start and whenever "
-    "the connection drops, before giving up with an error.",
-)
+# The execution flags (execution_flags.py) are this binary's own: listed by --helpshort and
+# recorded in hparams.csv.
+flags.adopt_module_key_flags(execution_flags)
 VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show TensorFlow's and TFF's own log output (hidden by default)."
 )
@@ -298,7 +290,6 @@ MAY_DIFFER_ON_RESUME = frozenset(
     }
 )
 AGGREGATORS = aggregator_flags.KINDS
-EXECUTIONS = ("local", "remote")
 
 
 # ---- Validation: every check runs before anything is written ----
@@ -364,12 +355,13 @@ def check_flags() -> None:
             "raise --num_train_clients.",
         )
     aggregator_flags.check_kind()
+    execution_flags.check_execution_flags()
+    # Several rounds in one call chain their aggregations, which TFF cannot split across workers.
     require(
-        EXECUTION.value in EXECUTIONS,
-        f"--execution={EXECUTION.value!r} is not supported; choose one of: "
-        f"{', '.join(EXECUTIONS)}.",
+        execution_flags.requested_workers() == 1 or ROUNDS_PER_CALL.value <= 1,
+        f"--rounds_per_call={ROUNDS_PER_CALL.value} chains rounds in one TFF call, which cannot "
+        "run on several workers; drop --rounds_per_call, or pass one --worker.",
     )
-    check_execution_flags()
     require(SEED.value >= 0, f"--seed must be >= 0, got {SEED.value}.")
     require(bool(ROOT_OUTPUT_DIR.value), "--root_output_dir must not be empty.")
     name = experiment_name()
@@ -477,60 +469,6 @@ def check_aggregator_flags() -> None:
     """Checks --aggregator's own flags (`aggregator_flags.check_aggregator_flags`) against
     cohorts and --worker (call `check_flags` first)."""
     aggregator_flags.check_aggregator_flags(num_workers=len(workers()), accounts_privacy=True)
-
-
-def check_execution_flags() -> None:
-    if EXECUTION.value != "remote":
-        require(
-            not flags.FLAGS["worker"].present,
-            "--worker is only used with --execution=remote; add --execution=remote or drop "
-            "--worker.",
-        )
-        return
-    require(
-        bool(WORKER.value),
-        "--execution=remote needs --worker=HOST:PORT, the address of a running TFF worker_binary.",
-    )
-    targets = WORKER.value.split(",")
-    if len(targets) == 1:
-        try:
-            worker.check_target(WORKER.value)
-        except ValueError:
-            raise UsageError(
-                f"--worker={WORKER.value!r} must be HOST:PORT, e.g. --worker=10.0.0.7:8000."
-            ) from None
-    else:
-        for target in targets:
-            try:
-                worker.check_target(target.strip())
-            except ValueError:
-                raise UsageError(
-                    f"--worker={WORKER.value}: {target.strip()!r} must be HOST:PORT, e.g. "
-                    "--worker=10.0.0.7:8000,10.0.0.8:8000."
-                ) from None
-        try:
-            multi_worker.parse_targets(WORKER.value)
-        except ValueError as e:
-            raise UsageError(f"--worker={WORKER.value}: {e}") from None
-    require(
-        WORKER_TIMEOUT.value > 0,
-        f"--worker_timeout must be > 0 seconds, got {WORKER_TIMEOUT.value}.",
-    )
-    # Several rounds in one call chain their aggregations, which TFF cannot split across workers.
-    require(
-        len(targets) == 1 or ROUNDS_PER_CALL.value <= 1,
-        f"--rounds_per_call={ROUNDS_PER_CALL.value} chains rounds in one TFF call, which cannot "
-        "run on several workers; drop --rounds_per_call, or pass one --worker.",
-    )
-
-
-def workers() -> list[str]:
-    """The --worker targets with --execution=remote (checked flags); empty for local."""
-    if EXECUTION.value != "remote":
-        return []
-    if "," not in WORKER.value:
-        return [WORKER.value]  # One worker: used exactly as given, as before lists existed.
-    return multi_worker.parse_targets(WORKER.value)
 
 
 def experiment_name() -> str:
