@@ -9,7 +9,7 @@ for shots in 10 5; do
     .venv/bin/python -m experiments.train --task=sinusoid --algorithm="$algorithm" --shots="$shots" \
       --total_rounds=60000 --num_eval_clients=500 --rounds_per_eval=10000 \
       --rounds_per_checkpoint=500 --checkpoints_to_keep=1 --rounds_per_log=1000 \
-      --rounds_per_call="${ROUNDS_PER_CALL:-1}" \
+      --rounds_per_call="${ROUNDS_PER_CALL:-0}" \
       --root_output_dir=experiments/results/long --experiment_name="sinusoid_${shots}shot_${algorithm}"
   done
 done
