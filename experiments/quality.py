@@ -123,7 +123,8 @@ def _train_and_evaluate(
         return round_num in checkpoints or bool(probe and round_num % _EVAL_EVERY.value == 0)
 
     # Long runs chain rounds in one TFF call, as the training program does by default.
-    per_call = program.default_rounds_per_call(checkpoints[-1])
+    probes = _EVAL_EVERY.value if _TARGET.value is not None else 0
+    per_call = program.default_rounds_per_call(checkpoints[-1], boundaries=(*checkpoints, probes))
     rounds.run_rounds(
         process,
         spec,

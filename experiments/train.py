@@ -283,7 +283,9 @@ def _train() -> None:
         rounds_per_log=cfg.ROUNDS_PER_LOG.value,
         rounds_per_call=cfg.ROUNDS_PER_CALL.value
         or program.default_rounds_per_call(
-            cfg.TOTAL_ROUNDS.value - start_round, workers=max(1, len(cfg.workers()))
+            cfg.TOTAL_ROUNDS.value - start_round,
+            workers=max(1, len(cfg.workers())),
+            boundaries=(cfg.ROUNDS_PER_CHECKPOINT.value, cfg.ROUNDS_PER_EVAL.value),
         ),
         num_eval_clients=min(held_out, cfg.NUM_EVAL_CLIENTS.value or cfg.DEFAULT_EVAL_CLIENTS),
     )

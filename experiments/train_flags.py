@@ -244,9 +244,10 @@ ROUNDS_PER_CALL = flags.DEFINE_integer(
     "rounds_per_call",
     0,
     "Rounds run by one TFF call (one federated computation of N rounds); a call always ends on "
-    "evaluation and checkpoint rounds. Results equal one round per call. 0 (default): "
-    f"{program.LONG_RUN_ROUNDS_PER_CALL} when the run has at least {program.LONG_RUN_ROUNDS:,} "
-    "rounds left to train on one worker (the longer compilation pays off), else 1.",
+    "evaluation and checkpoint rounds. Results equal one round per call. 0 (default): when the "
+    f"run has at least {program.LONG_RUN_ROUNDS:,} rounds left to train on one worker (the "
+    f"longer compilation pays off), the largest R up to {program.LONG_RUN_ROUNDS_PER_CALL} "
+    "dividing --rounds_per_checkpoint and --rounds_per_eval, else 1.",
 )
 ROOT_OUTPUT_DIR = flags.DEFINE_string(
     "root_output_dir", "/tmp/mfl_tff", "Root of results/, checkpoints/ and logdir/."

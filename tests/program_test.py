@@ -531,6 +531,11 @@ def test_rounds_per_call_by_default_chains_only_long_runs_on_one_worker():
     assert program.default_rounds_per_call(long_run - 1) == 1
     assert program.default_rounds_per_call(long_run) == program.LONG_RUN_ROUNDS_PER_CALL > 1
     assert program.default_rounds_per_call(10 * long_run, workers=2) == 1
+    # Calls end at checkpoints and evaluations: R divides their intervals, or calls run short.
+    assert program.default_rounds_per_call(long_run, boundaries=(500, 10_000)) == 10
+    assert program.default_rounds_per_call(long_run, boundaries=(10, 25)) == 5
+    assert program.default_rounds_per_call(long_run, boundaries=(10, 0)) == 10
+    assert program.default_rounds_per_call(long_run, boundaries=(7, 25)) == 1
 
 
 def test_format_duration():
