@@ -86,10 +86,3 @@ def workers() -> list[str]:
     if "," not in WORKER.value:
         return [WORKER.value]  # One worker: used exactly as given, as before lists existed.
     return multi_worker.parse_targets(WORKER.value)
-
-
-def requested_workers() -> int:
-    """How many workers the (unchecked) flags name: 1 for local execution."""
-    if EXECUTION.value != "remote" or not WORKER.value:
-        return 1
-    return len(WORKER.value.split(","))

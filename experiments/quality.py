@@ -118,12 +118,13 @@ def _train_and_evaluate(
         )
         _write_row(task, name, round_num, report, trained_s, reached.get("round"), settings)
 
+    # Rounds whose state is read: the checkpoints, and the target probes if there is a target.
+    probes = _EVAL_EVERY.value if _TARGET.value is not None else 0
+
     def state_needed(round_num: int) -> bool:
-        probe = _TARGET.value is not None and _EVAL_EVERY.value
-        return round_num in checkpoints or bool(probe and round_num % _EVAL_EVERY.value == 0)
+        return round_num in checkpoints or bool(probes and round_num % probes == 0)
 
     # Long runs chain rounds in one TFF call, as the training program does by default.
-    probes = _EVAL_EVERY.value if _TARGET.value is not None else 0
     per_call = program.default_rounds_per_call(checkpoints[-1], boundaries=(*checkpoints, probes))
     rounds.run_rounds(
         process,

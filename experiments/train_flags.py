@@ -359,7 +359,7 @@ def check_flags() -> None:
     execution_flags.check_execution_flags()
     # Several rounds in one call chain their aggregations, which TFF cannot split across workers.
     require(
-        execution_flags.requested_workers() == 1 or ROUNDS_PER_CALL.value <= 1,
+        len(workers()) <= 1 or ROUNDS_PER_CALL.value <= 1,
         f"--rounds_per_call={ROUNDS_PER_CALL.value} chains rounds in one TFF call, which cannot "
         "run on several workers; drop --rounds_per_call, or pass one --worker.",
     )

@@ -7,23 +7,17 @@ import numpy as np
 import pytest
 
 from experiments import benchmarking as bm
-from mfl_tff.data import digits, packing
+from mfl_tff.data import packing
 
 CLIENTS = 3
 ROUNDS = 2
-TOLERANCE = 1e-5
 
 pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")
-def task():
-    return digits.build_digits(num_train_clients=8, num_eval_clients=1, max_batches=2)
-
-
-@pytest.fixture(scope="module")
-def rounds(task):
-    return bm.pack_rounds(task, CLIENTS, ROUNDS)
+def rounds(small_digits_task):
+    return bm.pack_rounds(small_digits_task, CLIENTS, ROUNDS)
 
 
 def test_peer_dataset_has_one_batch_per_real_packed_batch(rounds):
@@ -34,9 +28,9 @@ def test_peer_dataset_has_one_batch_per_real_packed_batch(rounds):
         assert len(list(bm.client_dataset(client, epochs=2))) == 2 * len(batches)
 
 
-def test_pack_rounds_feeds_what_the_training_program_feeds(task, rounds):
-    ids = task.sample_train_ids(CLIENTS, 2)
-    expected = task.train_clients(ids, 2)
+def test_pack_rounds_feeds_what_the_training_program_feeds(small_digits_task, rounds):
+    ids = small_digits_task.sample_train_ids(CLIENTS, 2)
+    expected = small_digits_task.train_clients(ids, 2)
     for got, want in zip(rounds[1], expected):
         np.testing.assert_array_equal(got["support"]["x"], want["support"]["x"])
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mfl_tff.data import emnist, registry
+from mfl_tff.data import digits, emnist, registry
 from mfl_tff.training import runtime
 from tests import testing
 
@@ -40,6 +40,12 @@ def emnist_dir(tmp_path_factory):
 def fewshot_task():
     """Few-shot digits with 8 training clients (aggregation_test.py, faults_test.py)."""
     return registry.get_task("digits_fewshot", num_train_clients=8, num_eval_clients=2)
+
+
+@pytest.fixture(scope="session")
+def small_digits_task():
+    """Digits, 8 training clients of at most 2 batches (benchmarking_test, floors_test)."""
+    return digits.build_digits(num_train_clients=8, num_eval_clients=1, max_batches=2)
 
 
 @pytest.fixture(scope="session")

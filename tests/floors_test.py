@@ -10,7 +10,6 @@ import pytest
 from experiments import benchmarking as bm
 from experiments import floors
 from mfl_tff.algorithms import builders
-from mfl_tff.data import digits
 from tests import testing
 
 CLIENTS = 3
@@ -21,13 +20,8 @@ pytestmark = pytest.mark.usefixtures("tff_local_execution")
 
 
 @pytest.fixture(scope="module")
-def task():
-    return digits.build_digits(num_train_clients=8, num_eval_clients=1, max_batches=2)
-
-
-@pytest.fixture(scope="module")
-def rounds(task):
-    return bm.pack_rounds(task, CLIENTS, ROUNDS)
+def rounds(small_digits_task):
+    return bm.pack_rounds(small_digits_task, CLIENTS, ROUNDS)
 
 
 # The floor composes any record the same way; mfl covers its paths: two phases, both streams,
@@ -38,11 +32,11 @@ def rounds(task):
     "name, options",
     [("mfl", builders.AlgorithmOptions(inner_lr=0.1, inner_steps=1, meta_lr=0.01))],
 )
-def test_floor_round_equals_our_process(task, rounds, name, options):
-    floor = floors.TFFloor(name, task, options, rounds[0])
+def test_floor_round_equals_our_process(small_digits_task, rounds, name, options):
+    floor = floors.TFFloor(name, small_digits_task, options, rounds[0])
     initial = floor.weights()
     process, spec = builders.build_algorithm(
-        name, task, dataclasses.replace(options, cohort_size=CLIENTS)
+        name, small_digits_task, dataclasses.replace(options, cohort_size=CLIENTS)
     )
     state = process.initialize()
     for clients in rounds:
@@ -54,6 +48,8 @@ def test_floor_round_equals_our_process(task, rounds, name, options):
     floor.close()
 
 
-def test_floor_names_the_choices_for_an_unknown_algorithm(task, rounds):
+def test_floor_names_the_choices_for_an_unknown_algorithm(small_digits_task, rounds):
     with pytest.raises(ValueError, match="choose one of: fedavg"):
-        floors.TFFloor("no_such_algorithm", task, builders.AlgorithmOptions(), rounds[0])
+        floors.TFFloor(
+            "no_such_algorithm", small_digits_task, builders.AlgorithmOptions(), rounds[0]
+        )
