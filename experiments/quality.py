@@ -29,7 +29,7 @@ from experiments import settings_flags
 from mfl_tff.algorithms import builders
 from mfl_tff.data import registry
 from mfl_tff.data import settings as settings_lib
-from mfl_tff.training import personalize, program, rounds, runtime
+from mfl_tff.training import fused_rounds, personalize, program, rounds, runtime
 
 _TASK = flags.DEFINE_string("task", "sinusoid", "Task name (see mfl_tff.data.task_names()).")
 _ALGORITHMS = flags.DEFINE_list(
@@ -124,8 +124,10 @@ def _train_and_evaluate(
     def state_needed(round_num: int) -> bool:
         return round_num in checkpoints or bool(probes and round_num % probes == 0)
 
-    # Long runs chain rounds in one TFF call, as the training program does by default.
+    # Long runs chain rounds in one TFF call, and rounds run fused, as the training program does
+    # by default.
     per_call = program.default_rounds_per_call(checkpoints[-1], boundaries=(*checkpoints, probes))
+    fused = fused_rounds.fuse(process, spec.phase_computations)
     rounds.run_rounds(
         process,
         spec,
@@ -133,8 +135,9 @@ def _train_and_evaluate(
         clients_per_round=settings.clients_per_round,
         rounds=range(1, checkpoints[-1] + 1),
         after_round=after_round,
-        multi_round=rounds.MultiRound(process, per_call) if per_call > 1 else None,
+        multi_round=rounds.MultiRound(process, per_call, fused=fused) if per_call > 1 else None,
         state_needed=state_needed,
+        fused=fused,
     )
 
 

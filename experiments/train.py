@@ -288,6 +288,7 @@ def _train() -> None:
             boundaries=(cfg.ROUNDS_PER_CHECKPOINT.value, cfg.ROUNDS_PER_EVAL.value),
         ),
         num_eval_clients=min(held_out, cfg.NUM_EVAL_CLIENTS.value or cfg.DEFAULT_EVAL_CLIENTS),
+        fuse_rounds=cfg.FUSE_ROUNDS.value,
     )
     outputs.write_hparams(paths.hparams_csv, hparams)
     print(

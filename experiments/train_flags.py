@@ -249,6 +249,13 @@ ROUNDS_PER_CALL = flags.DEFINE_integer(
     f"longer compilation pays off), the largest R up to {program.LONG_RUN_ROUNDS_PER_CALL} "
     "dividing --rounds_per_checkpoint and --rounds_per_eval, else 1.",
 )
+FUSE_ROUNDS = flags.DEFINE_bool(
+    "fuse_rounds",
+    True,
+    "Run each round compiled to TFF's MapReduceForm (one client map, one aggregate, one server "
+    "update: mfl_tff.training.fused_rounds): the same results in fewer steps of TFF's executor. "
+    "Ignored on several workers.",
+)
 ROOT_OUTPUT_DIR = flags.DEFINE_string(
     "root_output_dir", "/tmp/mfl_tff", "Root of results/, checkpoints/ and logdir/."
 )
@@ -275,6 +282,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "checkpoints_to_keep",
         "rounds_per_log",
         "rounds_per_call",
+        "fuse_rounds",
         "root_output_dir",
         "experiment_name",
         "data_cache_dir",

@@ -320,9 +320,9 @@ def test_rows_are_written_every_rounds_per_log_and_before_each_checkpoint(
 
     real_run_round, real_write = rounds.run_round, state_manager.ArrayProgramStateManager.write
 
-    def run_round(process, spec, task, state, round_num, clients_per_round):
+    def run_round(process, spec, task, state, round_num, clients_per_round, **kwargs):
         rows_seen[f"before round {round_num}"] = rows_written()
-        return real_run_round(process, spec, task, state, round_num, clients_per_round)
+        return real_run_round(process, spec, task, state, round_num, clients_per_round, **kwargs)
 
     def write(self, program_state, version):
         rows_seen[f"checkpoint {version}"] = rows_written()
@@ -349,8 +349,8 @@ def test_a_diverging_loss_is_reported_once_and_training_goes_on(tmp_path, task, 
     # Round r's train loss, as a multiple of round 1's.
     factors = {1: 1.0, 2: 50.0, 3: 150.0, 4: float("nan"), 5: 1.0}
 
-    def run_round(process, spec, task, state, round_num, clients_per_round):
-        result = real_run_round(process, spec, task, state, round_num, clients_per_round)
+    def run_round(process, spec, task, state, round_num, clients_per_round, **kwargs):
+        result = real_run_round(process, spec, task, state, round_num, clients_per_round, **kwargs)
         metrics = tff.program.structure_utils.map_structure(lambda v: v, result.metrics)
         metrics["client_work"]["train_loss"] = np.float32(factors[round_num] * 2.0)
         return rounds.RoundResult(round_num, result.state, metrics, result.client_ids)

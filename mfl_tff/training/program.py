@@ -52,7 +52,14 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import builders, communication
 from mfl_tff.data.task import FederatedTask
-from mfl_tff.training import metrics_release, outputs, personalize, rounds, state_manager
+from mfl_tff.training import (
+    fused_rounds,
+    metrics_release,
+    outputs,
+    personalize,
+    rounds,
+    state_manager,
+)
 from mfl_tff.training import privacy as privacy_lib
 from mfl_tff.training.progress import Progress, client_counts, evaluation_line, flat_metrics
 
@@ -99,6 +106,9 @@ class ProgramConfig:
       num_eval_clients: Held-out clients evaluated, the task's first ones (None: all of them).
       rounds_per_call: Rounds run by one TFF call (`mfl_tff.training.rounds.MultiRound`); a
         call always ends on evaluation and checkpoint rounds.
+      fuse_rounds: Run each round compiled to TFF's MapReduceForm
+        (`mfl_tff.training.fused_rounds`): the same results in fewer steps of TFF's executor.
+        Ignored when several workers share the round's clients.
     """
 
     total_rounds: int
@@ -111,6 +121,7 @@ class ProgramConfig:
     rounds_per_log: int = 1
     num_eval_clients: Optional[int] = None
     rounds_per_call: int = 1
+    fuse_rounds: bool = True
 
     def __post_init__(self):
         for name in (
@@ -354,9 +365,12 @@ def run_training(
             checkpoints.write((round_num, result.state), round_num)
         progress.round_done(round_num, flat, counts, epsilon, report)
 
+    fused = None
+    if config.fuse_rounds and not rounds.splits_clients() and start_round < total:
+        fused = fused_rounds.fuse(process, spec.phase_computations)
     multi_round = None
     if config.rounds_per_call > 1 and total - start_round >= config.rounds_per_call:
-        multi_round = rounds.MultiRound(process, config.rounds_per_call)
+        multi_round = rounds.MultiRound(process, config.rounds_per_call, fused=fused)
     try:
         state = rounds.run_rounds(
             process,
@@ -369,6 +383,7 @@ def run_training(
             multi_round=multi_round,
             # Evaluations and checkpoints need the state: a multi-round call ends there.
             state_needed=lambda r: is_eval(r) or is_checkpoint(r),
+            fused=fused,
         )
         report = last_report[0]
     except BaseException:

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from mfl_tff.training import multi_worker
+from mfl_tff.training import fused_rounds, multi_worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +81,26 @@ def check_splittable(process, spec) -> None:
 
 
 def next_round(
-    process, spec, state: Any, values: list, *, by_phase: Optional[bool] = None
+    process,
+    spec,
+    state: Any,
+    values: list,
+    *,
+    by_phase: Optional[bool] = None,
+    fused: Optional[fused_rounds.FusedRound] = None,
 ) -> tuple[Any, Any]:
     """One round on client `values`: `(state, metrics)`, as `process.next` or phase by phase.
 
     Args:
       by_phase: Run a several-phase round as its phase computations (module docstring). None:
         when the execution context splits clients among workers.
+      fused: The round compiled to MapReduceForm (`mfl_tff.training.fused_rounds.fuse`): run it
+        in place of `process.next` (same result), unless the round is split among workers.
     """
     if by_phase is None:
         by_phase = splits_clients()
+    if fused is not None and not by_phase:
+        return fused(state, values)
     if not (by_phase and spec.phase_computations):
         output = process.next(state, values)
         return output.state, output.metrics
@@ -110,6 +120,7 @@ def run_round(
     clients_per_round: int,
     *,
     by_phase: Optional[bool] = None,
+    fused: Optional[fused_rounds.FusedRound] = None,
 ) -> RoundResult:
     """Trains round `round_num` from `state`.
 
@@ -120,14 +131,14 @@ def run_round(
       state: The state after round `round_num - 1`.
       round_num: The round to train, from 1.
       clients_per_round: Training clients sampled for the round.
-      by_phase: As in `next_round`.
+      by_phase, fused: As in `next_round`.
 
     Returns:
       A `RoundResult`.
     """
     ids = round_client_ids(task, clients_per_round, round_num)
     values = round_values(task, spec, ids, round_num)
-    state, metrics = next_round(process, spec, state, values, by_phase=by_phase)
+    state, metrics = next_round(process, spec, state, values, by_phase=by_phase, fused=fused)
     return RoundResult(round_num, state, metrics, ids)
 
 
@@ -137,12 +148,20 @@ class MultiRound:
     Attributes:
       rounds_per_call: R, the rounds one call runs.
       computation: `(state@SERVER, stacked@CLIENTS) -> (state@SERVER, (metrics_1, ..., metrics_R))`.
+      fused: The `FusedRound` each of the R rounds runs in place of `process.next`, or None.
     """
 
-    def __init__(self, process: tff.learning.templates.LearningProcess, rounds_per_call: int):
+    def __init__(
+        self,
+        process: tff.learning.templates.LearningProcess,
+        rounds_per_call: int,
+        *,
+        fused: Optional[fused_rounds.FusedRound] = None,
+    ):
         if not isinstance(rounds_per_call, int) or rounds_per_call < 1:
             raise ValueError(f"rounds_per_call must be an int >= 1, got {rounds_per_call!r}.")
         self.rounds_per_call = rounds_per_call
+        self.fused = fused
         state_type, data_type = process.next.type_signature.parameter
         member = data_type.member
         specs = tff.types.type_to_tf_tensor_specs(member)
@@ -165,9 +184,14 @@ class MultiRound:
         def next_rounds(state, values):
             metrics = []
             for round_slice in slices:
-                output = process.next(state, tff.federated_map(round_slice, values))
-                state = output.state
-                metrics.append(output.metrics)
+                round_values = tff.federated_map(round_slice, values)
+                if fused is None:
+                    output = process.next(state, round_values)
+                    state, round_metrics = output.state, output.metrics
+                else:
+                    output = fused.computation(state, round_values)
+                    state, round_metrics = output[0], output[1]
+                metrics.append(round_metrics)
             return state, tuple(metrics)
 
         self.computation = next_rounds
@@ -185,7 +209,9 @@ class MultiRound:
             for per_round in zip(*round_values)
         ]
         state, metrics = self.computation(state, slots)
-        return state, list(metrics)
+        if self.fused is None:
+            return state, list(metrics)
+        return self.fused.state(state), [self.fused.metrics(m) for m in metrics]
 
 
 def _chunks(rounds: Sequence[int], size: int, boundary: Optional[Callable[[int], bool]]):
@@ -211,6 +237,7 @@ def run_rounds(
     after_round: Optional[Callable[[RoundResult], None]] = None,
     multi_round: Optional[MultiRound] = None,
     state_needed: Optional[Callable[[int], bool]] = None,
+    fused: Optional[fused_rounds.FusedRound] = None,
 ) -> Any:
     """Trains `rounds` (ascending round numbers) from `state` and returns the final state.
 
@@ -225,6 +252,7 @@ def run_rounds(
         (or a chunk cut by `state_needed`) runs one round per call.
       state_needed: `state_needed(round_num)` is True for rounds whose state the caller needs
         (checkpoints, evaluations): a call always ends there.
+      fused: As in `next_round`, for the rounds run one per call (`multi_round` has its own).
 
     Returns:
       The state after the last round.
@@ -244,7 +272,9 @@ def run_rounds(
         else:
             results = []
             for round_num in chunk:
-                results.append(run_round(process, spec, task, state, round_num, clients_per_round))
+                results.append(
+                    run_round(process, spec, task, state, round_num, clients_per_round, fused=fused)
+                )
                 state = results[-1].state
         if after_round is not None:
             for result in results:
