@@ -4,7 +4,9 @@ scaling with clients per round, memory over many rounds, and time to first round
 For one task and one number of clients per round, in one process and one TFF runtime:
 
 * each algorithm's round time (our fast path: `builders.build_algorithm` with clients stacked into
-  a cohort), median/min/max over --rounds rounds after warm-up, and its ratio to the peer,
+  a cohort), median/min/max over --rounds rounds after warm-up, and its ratio to the peer, both as
+  composed (`process.next`) and fused (`mfl_tff.training.fused_rounds`, as the training program
+  runs long runs; its time to first round includes the fusing compilation),
   `tff.learning.algorithms.build_weighted_fed_avg` fed `tf.data` datasets, at the same local SGD
   steps per client on the same clients;
 * the floor: the same client math for all clients in one plain-TensorFlow graph (no TFF), and
@@ -42,7 +44,7 @@ from experiments import benchmarking as bm  # noqa: E402
 from experiments import end_to_end, floors, round_anatomy, worker_scaling  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
-from mfl_tff.training import runtime  # noqa: E402
+from mfl_tff.training import fused_rounds, runtime  # noqa: E402
 
 PEER = "peer_fedavg"
 
@@ -185,6 +187,15 @@ def _ours(name: str, task, rounds, inner_steps: int, cohort_size):
     runner.client_values_s = client_values_s
     runner.federated_calls = round_anatomy.intrinsic_calls(process.next)
     bm.time_calls(runner.run_round, _WARMUP.value, start=1)
+    # The same round fused, as the training program runs long runs: its compilation counts in
+    # its time to the first round.
+    begin = time.perf_counter()
+    fused = fused_rounds.fuse(process, spec.phase_computations)
+    runner.fused = bm.ProcessRunner(
+        process, values, build_s=build_s + time.perf_counter() - begin, round_fn=fused
+    )
+    runner.fused.federated_calls = round_anatomy.intrinsic_calls(fused.computation)
+    bm.time_calls(runner.fused.run_round, _WARMUP.value, start=1)
     return runner
 
 
@@ -297,6 +308,15 @@ def run() -> dict:
                 cohort_size=_cohort(n),
                 client_values_s_per_round=runner.client_values_s,
                 federated_calls_per_round=runner.federated_calls,
+            )
+            fused_timing = _timed(runner.fused)
+            results[name]["fused"] = collections.OrderedDict(
+                round_time_s=fused_timing,
+                ratio_to_peer_fedavg=_ratio(fused_timing["median"], peer_time["median"]),
+                ratio_to_tf_floor=_ratio(fused_timing["median"], floor and floor["median"]),
+                first_round_s=runner.fused.build_s + runner.fused.first_round_s,
+                tf_floor_round_time_s=floor,
+                federated_calls_per_round=runner.fused.federated_calls,
             )
         for name in _UNSTACKED.value:
             print(f"Ours: {name} (no cohorts) ...", flush=True)

@@ -127,7 +127,9 @@ def _train_and_evaluate(
     # Long runs chain rounds in one TFF call, and rounds run fused, as the training program does
     # by default.
     per_call = program.default_rounds_per_call(checkpoints[-1], boundaries=(*checkpoints, probes))
-    fused = fused_rounds.fuse(process, spec.phase_computations)
+    fused = None
+    if program.default_fuse_rounds(checkpoints[-1]):
+        fused = fused_rounds.fuse(process, spec.phase_computations)
     rounds.run_rounds(
         process,
         spec,

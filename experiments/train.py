@@ -288,7 +288,13 @@ def _train() -> None:
             boundaries=(cfg.ROUNDS_PER_CHECKPOINT.value, cfg.ROUNDS_PER_EVAL.value),
         ),
         num_eval_clients=min(held_out, cfg.NUM_EVAL_CLIENTS.value or cfg.DEFAULT_EVAL_CLIENTS),
-        fuse_rounds=cfg.FUSE_ROUNDS.value,
+        fuse_rounds=(
+            cfg.FUSE_ROUNDS.value
+            if cfg.FUSE_ROUNDS.value is not None
+            else program.default_fuse_rounds(
+                cfg.TOTAL_ROUNDS.value - start_round, workers=max(1, len(cfg.workers()))
+            )
+        ),
     )
     outputs.write_hparams(paths.hparams_csv, hparams)
     print(
