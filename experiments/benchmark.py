@@ -429,8 +429,14 @@ def _end_to_end() -> dict:
         )
         task = registry.get_task(task_name)
         options = builders.AlgorithmOptions.from_settings(task.settings)
-        process, _ = builders.build_algorithm(algorithm, task, options)
-        measured["federated_calls_per_round"] = round_anatomy.intrinsic_calls(process.next)
+        process, spec = builders.build_algorithm(algorithm, task, options)
+        fused = any(f in ("--fuse_rounds", "--fuse_rounds=true") for f in _END_TO_END_FLAGS.value)
+        round_computation = (
+            fused_rounds.fuse(process, spec.phase_computations).computation
+            if fused
+            else process.next
+        )
+        measured["federated_calls_per_round"] = round_anatomy.intrinsic_calls(round_computation)
         if task_name == "sinusoid":
             floor = floors.XLAFloor(algorithm, task, options, task.settings.clients_per_round)
             floor.run_round()

@@ -2,13 +2,16 @@
 
 `python -m experiments.train` runs as a child process with its default checkpoint and release
 settings, so checkpoints, metric releases and packing are all included. The steady cost per
-round is a difference of two runs that share everything else (start-up, tracing, compilation,
-the final evaluation, shut-down): both resume from the same checkpoint, one trains `short`
-rounds and the other `short + span`, so
+round is read inside one run, between two of its progress lines: the run resumes from a
+checkpoint, trains `short + span` rounds, and when the lines of rounds `start + short` and
+`start + short + span` arrive, the wall clock and the CPU times of the driver and its worker are
+read, so
 
-    ms per round = (wall(long) - wall(short)) / span,
+    ms per round = (time at line start + short + span - time at line start + short) / span,
 
-and the same for the driver's and the worker's CPU. To measure at round ~50,000 without running
+and the same for the driver's and the worker's CPU. Start-up, tracing, compilation (tens of
+seconds, and not the same twice, for a 10-round mfl call), the final evaluation and shut-down all
+fall outside the span. To measure at round ~50,000 without running
 50,000 rounds, the checkpoint is re-labelled as round 50,000 and the metrics CSV is seeded with
 50,000 rows: what could grow with the round number (the CSV, the checkpoint directory, the
 round counter) is then as large as in a real run of that length.
@@ -17,8 +20,10 @@ round counter) is then as large as in a real run of that length.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,34 +35,50 @@ import psutil
 
 from mfl_tff.training import program
 
+_PROGRESS = re.compile(r"round\s+(\d+)/\d+")
 
-def _measure(command: Sequence[str], cwd: str) -> dict:
-    """Runs `command`; its wall time and the CPU of its process and of its worker_binary."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    begin = time.perf_counter()
+
+def _cpu_s(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds so far of `process` and of its worker_binary children."""
+    times = process.cpu_times()
+    worker = 0.0
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.name() == "worker_binary":
+                child_times = child.cpu_times()
+                worker += child_times.user + child_times.system
+    return times.user + times.system, worker
+
+
+def span_marks(command: Sequence[str], cwd: str, rounds: Sequence[int]) -> dict:
+    """Runs `command` (a training run) and reads the clock and CPU at its progress `rounds`.
+
+    Returns:
+      `{round: (wall_s, driver_cpu_s, worker_cpu_s)}`, read when the progress line of that
+      round arrived.
+
+    Raises:
+      RuntimeError: If the run fails or never prints the progress line of one of `rounds`.
+    """
+    # Unbuffered, so that a progress line arrives when it is printed.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     child = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     process = psutil.Process(child.pid)
-    cpu = collections.defaultdict(float)
-    # CPU times can only be read while a process lives: poll, keeping the last reading of each.
-    while child.poll() is None:
-        try:
-            times = process.cpu_times()
-            cpu["driver"] = times.user + times.system
-            for worker in process.children(recursive=True):
-                if worker.name() == "worker_binary":
-                    times = worker.cpu_times()
-                    cpu[f"worker{worker.pid}"] = times.user + times.system
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    output = child.stdout.read()
+    marks, tail = {}, collections.deque(maxlen=40)
+    for line in child.stdout:
+        tail.append(line)
+        match = _PROGRESS.match(line)
+        if match and int(match.group(1)) in rounds and int(match.group(1)) not in marks:
+            marks[int(match.group(1))] = (time.perf_counter(), *_cpu_s(process))
+    child.wait()
     if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}): {output[-2000:]}")
-    wall = time.perf_counter() - begin
-    worker_cpu = sum(v for k, v in cpu.items() if k.startswith("worker"))
-    return dict(wall_s=wall, driver_cpu_s=cpu["driver"], worker_cpu_s=worker_cpu)
+        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}): {''.join(tail)}")
+    missing = sorted(set(rounds) - set(marks))
+    if missing:
+        raise RuntimeError(f"{' '.join(command)} printed no progress line for rounds {missing}.")
+    return marks
 
 
 def _copy_experiment(root: str, source: str, target: str) -> None:
@@ -106,6 +127,10 @@ def measure(
 ) -> dict:
     """Steady cost per round of the training program near round `warm_rounds` and `far_round`.
 
+    The runs print a progress line every round (the default `--rounds_per_log`); `flags` that
+    change it must keep lines at the span's ends, which `short` and `span` rounds after a
+    resume are.
+
     Returns:
       `{"near": {...}, "far": {...}}`, each with `round`, `ms_per_round`,
       `driver_cpu_ms_per_round` and `worker_cpu_ms_per_round`.
@@ -117,30 +142,28 @@ def measure(
     base += list(flags)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def run(name: str, total: int) -> dict:
+    def run(name: str, total: int, rounds: Sequence[int]) -> dict:
         command = base + [f"--experiment_name={name}", f"--total_rounds={total}"]
-        return _measure(command, repo)
+        return span_marks(command, repo, rounds)
 
-    run("warm", warm_rounds)
+    run("warm", warm_rounds, [warm_rounds])
     report = collections.OrderedDict()
     for label, start in (("near", warm_rounds), ("far", far_round)):
-        for name in (f"{label}_short", f"{label}_long"):
-            _copy_experiment(root, "warm", name)
-            if label == "far":
-                _relabel_checkpoint(os.path.join(root, "checkpoints", name), far_round)
-                metrics_csv = os.path.join(root, "results", name, "experiment.metrics.csv")
-                _seed_metrics_csv(metrics_csv, far_round)
-        shorter = run(f"{label}_short", start + short)
-        longer = run(f"{label}_long", start + short + span)
+        _copy_experiment(root, "warm", label)
+        if label == "far":
+            _relabel_checkpoint(os.path.join(root, "checkpoints", label), far_round)
+            metrics_csv = os.path.join(root, "results", label, "experiment.metrics.csv")
+            _seed_metrics_csv(metrics_csv, far_round)
+        # The run goes `short` rounds past the span: its last round is evaluated, and that
+        # evaluation must not fall inside the span.
+        first, last = start + short, start + short + span
+        marks = run(label, last + short, [first, last])
+        wall, driver, worker = (b - a for a, b in zip(marks[first], marks[last]))
         report[label] = collections.OrderedDict(
-            round=start + short,
-            ms_per_round=1000 * (longer["wall_s"] - shorter["wall_s"]) / span,
-            driver_cpu_ms_per_round=1000
-            * (longer["driver_cpu_s"] - shorter["driver_cpu_s"])
-            / span,
-            worker_cpu_ms_per_round=1000
-            * (longer["worker_cpu_s"] - shorter["worker_cpu_s"])
-            / span,
+            round=first,
+            ms_per_round=1000 * wall / span,
+            driver_cpu_ms_per_round=1000 * driver / span,
+            worker_cpu_ms_per_round=1000 * worker / span,
         )
     shutil.rmtree(root, ignore_errors=True)
     return report

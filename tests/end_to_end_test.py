@@ -1,0 +1,86 @@
+"""Tests of `experiments.end_to_end`: where its per-round span is read, and the round-50,000 setup.
+
+The training program itself is timed by `experiments/benchmark.py`, never here; these tests run a
+stand-in child that prints progress lines as the training program does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from experiments import end_to_end
+from mfl_tff.training import program, state_manager
+
+# Prints the progress lines of rounds 1..5, burning CPU between rounds 2 and 4 only.
+FAKE_RUN = textwrap.dedent(
+    """
+    import time
+    def burn(seconds):
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+    for r in range(1, 6):
+        if r in (3, 4):
+            burn(0.3)
+        print(f"round {r:>2}/5  elapsed 0:01  eta 0:00  query loss 1.0")
+    """
+)
+
+
+def test_span_marks_read_clock_and_cpu_when_each_progress_line_arrives(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_RUN)
+    marks = end_to_end.span_marks([sys.executable, str(script)], str(tmp_path), [2, 4])
+    assert sorted(marks) == [2, 4]
+    wall, driver, worker = (b - a for a, b in zip(marks[2], marks[4]))
+    # Rounds 3 and 4 burned 0.6 s of the child's CPU, all inside the span; no worker ran.
+    assert 0.5 <= driver <= 1.5
+    assert wall >= driver * 0.5
+    assert worker == 0.0
+
+
+def test_span_marks_name_a_round_whose_line_never_came(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_RUN)
+    with pytest.raises(RuntimeError, match=r"no progress line for rounds \[7\]"):
+        end_to_end.span_marks([sys.executable, str(script)], str(tmp_path), [2, 7])
+
+
+def test_a_failing_run_raises_with_its_last_output(tmp_path):
+    command = [sys.executable, "-c", "print('round 1/2'); raise SystemExit('bad flag')"]
+    with pytest.raises(RuntimeError, match="bad flag"):
+        end_to_end.span_marks(command, str(tmp_path), [1])
+
+
+def test_relabelled_checkpoint_resumes_at_the_far_round(tmp_path):
+    directory = str(tmp_path)
+    state = [np.arange(3, dtype=np.float32), np.float32(2.5)]
+    state_manager.ArrayProgramStateManager(directory).write((480, state), 480)
+    end_to_end._relabel_checkpoint(directory, 50_000)
+    assert program.checkpoint_rounds(directory) == [50_000]
+    manager = state_manager.ArrayProgramStateManager(directory)
+    restored, version = asyncio.run(
+        manager.load_latest((0, [np.zeros(3, np.float32), np.float32(0)]))
+    )
+    assert version == 50_000 and restored[0] == 50_000
+    np.testing.assert_array_equal(restored[1][0], state[0])
+
+
+def test_seeded_metrics_csv_has_one_row_per_round(tmp_path):
+    path = os.path.join(tmp_path, "experiment.metrics.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["round_num", "loss"])
+        writer.writeheader()
+        writer.writerows([dict(round_num=1, loss=3.0), dict(round_num=2, loss=2.0)])
+    end_to_end._seed_metrics_csv(path, 5)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round_num"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in rows[2:]] == ["2.0"] * 3
