@@ -49,8 +49,8 @@ def _aggregators(kind: str, learns_alpha: bool) -> dict:
     return dict(model_aggregator=made.model, meta_aggregator=made.meta)
 
 
+# One-phase rounds with the mean are also fused in test_run_rounds_with_a_fused_round_... (fedavg).
 CASES = {
-    "fedavg": ("fedavg", {}),
     "mfl_two_phases": ("mfl", {}),
     "meta_sgd_conditioned_robust": (
         "meta_sgd",
@@ -60,11 +60,24 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def builds(task):
+    """Each case's (process, spec, fused round), built once for the module (builds take seconds)."""
+    made = {}
+
+    def build(case: str) -> tuple:
+        if case not in made:
+            name, options = CASES[case]
+            process, spec = builders.build_algorithm(name, task, _options(**options))
+            made[case] = (process, spec, fused_rounds.fuse(process, spec.phase_computations))
+        return made[case]
+
+    return build
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
-def built(request, task):
-    name, options = CASES[request.param]
-    process, spec = builders.build_algorithm(name, task, _options(**options))
-    return process, spec, fused_rounds.fuse(process, spec.phase_computations)
+def built(request, builds):
+    return builds(request.param)
 
 
 def _values(task, spec, round_num: int) -> list:
@@ -105,9 +118,8 @@ def test_fused_rounds_take_fewer_steps_of_the_executor(built):
         assert fused_calls <= 12 * fused.phases
 
 
-def test_several_fused_rounds_per_call_equal_separate_rounds(task):
-    process, spec = builders.build_algorithm("mfl", task, _options())
-    fused = fused_rounds.fuse(process, spec.phase_computations)
+def test_several_fused_rounds_per_call_equal_separate_rounds(task, builds):
+    process, spec, fused = builds("mfl_two_phases")
     multi = rounds.MultiRound(process, 2, fused=fused)
     values = [_values(task, spec, r) for r in (1, 2)]
     state, metrics = multi(process.initialize(), values)
@@ -129,8 +141,8 @@ def test_run_rounds_with_a_fused_round_trains_the_same_rounds(task):
     assert _max_diff(state, fused_state) <= TOLERANCE
 
 
-def test_a_round_of_two_aggregation_layers_is_refused_with_the_fix(task):
-    process, _ = builders.build_algorithm("mfl", task, _options())
+def test_a_round_of_two_aggregation_layers_is_refused_with_the_fix(builds):
+    process, _, _ = builds("mfl_two_phases")
     # mfl's whole round broadcasts the first aggregate again: not one MapReduceForm.
     with pytest.raises(ValueError, match="--fuse_rounds=false"):
         fused_rounds.fuse(process)
