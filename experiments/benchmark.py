@@ -175,8 +175,9 @@ def _options(inner_steps: int, cohort_size) -> builders.AlgorithmOptions:
     )
 
 
-def _ours(name: str, task, rounds, inner_steps: int, cohort_size):
-    """Builds algorithm `name` on prepared rounds, runs its first round and warm-up rounds."""
+def _ours(name: str, task, rounds, inner_steps: int, cohort_size, *, fused: bool = False):
+    """Builds algorithm `name` on prepared rounds, runs its first round and warm-up rounds; with
+    `fused`, also its fused round (`runner.fused`)."""
     begin = time.perf_counter()
     process, spec = builders.build_algorithm(name, task, _options(inner_steps, cohort_size))
     build_s = time.perf_counter() - begin
@@ -187,15 +188,15 @@ def _ours(name: str, task, rounds, inner_steps: int, cohort_size):
     runner.client_values_s = client_values_s
     runner.federated_calls = round_anatomy.intrinsic_calls(process.next)
     bm.time_calls(runner.run_round, _WARMUP.value, start=1)
-    # The same round fused, as the training program runs long runs: its compilation counts in
-    # its time to the first round.
-    begin = time.perf_counter()
-    fused = fused_rounds.fuse(process, spec.phase_computations)
-    runner.fused = bm.ProcessRunner(
-        process, values, build_s=build_s + time.perf_counter() - begin, round_fn=fused
-    )
-    runner.fused.federated_calls = round_anatomy.intrinsic_calls(fused.computation)
-    bm.time_calls(runner.fused.run_round, _WARMUP.value, start=1)
+    if fused:
+        # The same round fused, as the training program runs long runs: its compilation counts
+        # in its time to the first round.
+        fused_round = fused_rounds.fuse(process, spec.phase_computations)
+        runner.fused = bm.ProcessRunner(
+            process, values, build_s=build_s + fused_round.compile_s, round_fn=fused_round
+        )
+        runner.fused.federated_calls = round_anatomy.intrinsic_calls(fused_round.computation)
+        bm.time_calls(runner.fused.run_round, _WARMUP.value, start=1)
     return runner
 
 
@@ -293,7 +294,7 @@ def run() -> dict:
         runners = {PEER: peer}
         for name in _ALGORITHMS.value:
             print(f"Ours: {name} (cohort {_cohort(n)}) ...", flush=True)
-            runner = _ours(name, task, rounds[n], inner_steps, _cohort(n))
+            runner = _ours(name, task, rounds[n], inner_steps, _cohort(n), fused=True)
             runners[name] = runner
             timing = _timed(runner)
             floor = floor_times.get(name)

@@ -51,9 +51,7 @@ def _no_grappler() -> tf.compat.v1.ConfigProto:
 
 
 def _is_empty(type_spec: tff.Type) -> bool:
-    return isinstance(type_spec, tff.StructType) and not any(
-        not _is_empty(member) for member in type_spec
-    )
+    return isinstance(type_spec, tff.StructType) and all(_is_empty(m) for m in type_spec)
 
 
 def _round_of(form: tff.backends.mapreduce.MapReduceForm) -> tff.Computation:
