@@ -35,6 +35,8 @@ import tensorflow_federated as tff
 from google.protobuf import message as protobuf_message
 from tensorflow_federated.proto.v0 import computation_pb2
 
+from mfl_tff.training import native_compiler
+
 # Compiled computations kept on disk: the least recently written beyond this are removed.
 DEFAULT_MAX_FILES = 256
 
@@ -44,7 +46,8 @@ DEFAULT_MAX_COMPUTATIONS = 128
 
 
 class CompilationCache:
-    """Compiles each computation once with `compiler_fn` (TFF's native compiler by default).
+    """Compiles each computation once with `compiler_fn` (TFF's native compiler by default, as
+    run by `native_compiler.compile_to_native`).
 
     Looked up by identity first (no hashing of the proto), then by TFF's own equality of
     computations (the proto), then compiled. Least recently used entries are dropped beyond
@@ -62,7 +65,7 @@ class CompilationCache:
     ):
         """`disk_dir`: also keep compiled forms there (None: in memory only); `compiler_tag`
         names what `compiler_fn` does, as part of the files' key."""
-        self._compiler_fn = compiler_fn or tff.backends.native.desugar_and_transform_to_native
+        self._compiler_fn = compiler_fn or native_compiler.compile_to_native
         self._max_size = max_size
         self._by_id: collections.OrderedDict = collections.OrderedDict()
         self._by_proto: collections.OrderedDict = collections.OrderedDict()

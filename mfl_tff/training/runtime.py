@@ -50,7 +50,7 @@ import grpc
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.compiler import building_blocks, tree_analysis
 
-from mfl_tff.training import computation_cache, multi_worker
+from mfl_tff.training import computation_cache, multi_worker, native_compiler
 from mfl_tff.training.worker import (  # noqa: F401  (re-exported: the runtime's public API)
     GRPC_CHANNEL_OPTIONS,
     WORKER_BINARY_NAME,
@@ -107,10 +107,14 @@ def secure_intrinsics(comp: tff.Computation) -> list[str]:
 
 
 def _compiler(simulate_secure_sums: bool) -> Callable[[tff.Computation], tff.Computation]:
-    """The compiler of the runtime's executors: TFF's native compiler, after TFF's test backend's
-    replacement of secure intrinsics with plain sums when `simulate_secure_sums`, else after a
-    check that refuses secure intrinsics with a message naming the option."""
-    native = tff.backends.native.desugar_and_transform_to_native
+    """The compiler of the runtime's executors: TFF's native compiler (run by
+    `native_compiler.compile_to_native`, which optimizes each distinct graph once), after TFF's
+    test backend's replacement of secure intrinsics with plain sums when `simulate_secure_sums`,
+    else after a check that refuses secure intrinsics with a message naming the option."""
+
+    def native(comp: tff.Computation) -> tff.Computation:
+        return native_compiler.compile_to_native(comp)
+
     if simulate_secure_sums:
         # Exactly what TFF's test execution context compiles with (tensorflow_federated/python/
         # core/backends/test/execution_contexts.py, `_compile`).
