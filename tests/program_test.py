@@ -318,17 +318,20 @@ def test_rows_are_written_every_rounds_per_log_and_before_each_checkpoint(
             return []
         return [int(r[program.ROUND_KEY]) for r in _rows(paths.metrics_csv)]
 
-    real_run_round, real_write = rounds.run_round, state_manager.ArrayProgramStateManager.write
+    real_next_round, real_write = rounds.next_round, state_manager.ArrayProgramStateManager.write
+    calls = []
 
-    def run_round(process, spec, task, state, round_num, clients_per_round, **kwargs):
-        rows_seen[f"before round {round_num}"] = rows_written()
-        return real_run_round(process, spec, task, state, round_num, clients_per_round, **kwargs)
+    def next_round(*args, **kwargs):
+        # One round per call here (5 rounds, too few to chain): call k trains round k.
+        calls.append(1)
+        rows_seen[f"before round {len(calls)}"] = rows_written()
+        return real_next_round(*args, **kwargs)
 
     def write(self, program_state, version):
         rows_seen[f"checkpoint {version}"] = rows_written()
         real_write(self, program_state, version)
 
-    monkeypatch.setattr(rounds, "run_round", run_round)
+    monkeypatch.setattr(rounds, "next_round", next_round)
     monkeypatch.setattr(state_manager.ArrayProgramStateManager, "write", write)
     config = _config(5, rounds_per_log=2, rounds_per_checkpoint=3, rounds_per_eval=0)
     program.run_training(process, spec, task, config, paths, log=lambda line: None)
@@ -345,17 +348,18 @@ def test_rows_are_written_every_rounds_per_log_and_before_each_checkpoint(
 
 def test_a_diverging_loss_is_reported_once_and_training_goes_on(tmp_path, task, built, monkeypatch):
     process, spec = built
-    real_run_round = rounds.run_round
+    real_next_round = rounds.next_round
     # Round r's train loss, as a multiple of round 1's.
-    factors = {1: 1.0, 2: 50.0, 3: 150.0, 4: float("nan"), 5: 1.0}
+    factors = [1.0, 50.0, 150.0, float("nan"), 1.0]
 
-    def run_round(process, spec, task, state, round_num, clients_per_round, **kwargs):
-        result = real_run_round(process, spec, task, state, round_num, clients_per_round, **kwargs)
-        metrics = tff.program.structure_utils.map_structure(lambda v: v, result.metrics)
-        metrics["client_work"]["train_loss"] = np.float32(factors[round_num] * 2.0)
-        return rounds.RoundResult(round_num, result.state, metrics, result.client_ids)
+    def next_round(*args, **kwargs):
+        # One round per call here (5 rounds, too few to chain): the k-th call trains round k.
+        state, metrics = real_next_round(*args, **kwargs)
+        metrics = tff.program.structure_utils.map_structure(lambda v: v, metrics)
+        metrics["client_work"]["train_loss"] = np.float32(factors.pop(0) * 2.0)
+        return state, metrics
 
-    monkeypatch.setattr(rounds, "run_round", run_round)
+    monkeypatch.setattr(rounds, "next_round", next_round)
     lines = []
     config = _config(5, rounds_per_eval=0)
     program.run_training(

@@ -7,6 +7,8 @@ on the same rounds' clients: the states (theta and alpha) and every round's metr
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -115,6 +117,41 @@ def test_run_rounds_cuts_calls_where_the_state_is_needed(built, multi, task):
     assert seen == [(1, False), (2, True), (3, True), (4, False), (5, True)]
     reference, _ = _separate_calls(process, spec, task, range(1, 6))
     assert _max_diff(_learned(process, state), _learned(process, reference)) <= TOLERANCE
+
+
+class _TaskFailingAt:
+    """The task, except that packing round `bad_round` raises; records the packing threads."""
+
+    def __init__(self, task, bad_round: int):
+        self._task, self._bad_round, self.threads = task, bad_round, set()
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def train_clients(self, client_ids, round_num=None):
+        self.threads.add(threading.current_thread().name)
+        if round_num == self._bad_round:
+            raise ValueError(f"no data for round {round_num}")
+        return self._task.train_clients(client_ids, round_num)
+
+
+def test_run_rounds_packs_ahead_and_stops_at_a_packing_error(built, multi, task):
+    process, spec = built
+    failing = _TaskFailingAt(task, bad_round=4)
+    seen = []
+    with pytest.raises(ValueError, match="no data for round 4"):
+        rounds.run_rounds(
+            process,
+            spec,
+            failing,
+            clients_per_round=CLIENTS,
+            rounds=range(1, 7),
+            multi_round=multi,
+            after_round=lambda result: seen.append(result.round_num),
+        )
+    # Rounds (1, 2) ran and were reported; the call of (3, 4) never started.
+    assert seen == [1, 2]
+    assert failing.threads and all(name.startswith("mfl-pack") for name in failing.threads)
 
 
 def test_multi_round_refuses_a_bad_count(built, multi):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -79,6 +80,11 @@ class FederatedTask:
     _cache: collections.OrderedDict = dataclasses.field(
         default_factory=collections.OrderedDict, init=False, repr=False
     )
+    # The round loop packs the next call's clients in a thread while evaluation packs held-out
+    # clients in the main one; both go through `_cache`.
+    _cache_lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if not isinstance(self.settings, TaskSettings):
@@ -130,18 +136,20 @@ class FederatedTask:
             rng = np.random.default_rng(packing.client_seed(self.seed, tag))
             return packing.pack_client(arrays, split, pack, rng, self._x_dtype)
         key = (which, client_id)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         data = self.train_data if which == "train" else self.eval_data
         split = self.train_split if which == "train" else self.eval_split
         pack = self.train_pack if which == "train" else self.eval_pack
         arrays = client_data_lib.client_arrays(data, client_id)
         rng = np.random.default_rng(packing.client_seed(self.seed, f"pack/{which}/{client_id}"))
         packed = packing.pack_client(arrays, split, pack, rng, self._x_dtype)
-        self._cache[key] = packed
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[key] = packed
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return packed
 
     def train_clients(

@@ -26,6 +26,7 @@ stacked along a new leading axis. Its result equals R separate calls (`tests/rou
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
@@ -260,23 +261,33 @@ def run_rounds(
     if state is None:
         state = process.initialize()
     size = multi_round.rounds_per_call if multi_round is not None else 1
-    for chunk in _chunks(list(rounds), size, state_needed):
-        if len(chunk) == size and size > 1:
-            ids = [round_client_ids(task, clients_per_round, r) for r in chunk]
-            values = [round_values(task, spec, i, r) for i, r in zip(ids, chunk)]
-            state, metrics = multi_round(state, values)
-            results = [
-                RoundResult(r, state if r == chunk[-1] else None, m, i)
-                for r, m, i in zip(chunk, metrics, ids)
-            ]
-        else:
-            results = []
-            for round_num in chunk:
-                results.append(
-                    run_round(process, spec, task, state, round_num, clients_per_round, fused=fused)
-                )
-                state = results[-1].state
-        if after_round is not None:
-            for result in results:
-                after_round(result)
+    chunks = list(_chunks(list(rounds), size, state_needed))
+
+    def pack(chunk: list[int]) -> tuple[list, list]:
+        ids = [round_client_ids(task, clients_per_round, r) for r in chunk]
+        return ids, [round_values(task, spec, i, r) for i, r in zip(ids, chunk)]
+
+    # The next call's clients are packed while the worker runs this call: packing is the
+    # driver's largest cost per round after TFF's own, and the worker does not wait for it.
+    # Values are a function of (seed, round), so the rounds are the same.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mfl-pack") as packer:
+        upcoming = packer.submit(pack, chunks[0]) if chunks else None
+        for index, chunk in enumerate(chunks):
+            ids, values = upcoming.result()
+            if index + 1 < len(chunks):
+                upcoming = packer.submit(pack, chunks[index + 1])
+            if len(chunk) == size and size > 1:
+                state, metrics = multi_round(state, values)
+                results = [
+                    RoundResult(r, state if r == chunk[-1] else None, m, i)
+                    for r, m, i in zip(chunk, metrics, ids)
+                ]
+            else:
+                results = []
+                for round_num, round_ids, round_vals in zip(chunk, ids, values):
+                    state, metrics = next_round(process, spec, state, round_vals, fused=fused)
+                    results.append(RoundResult(round_num, state, metrics, round_ids))
+            if after_round is not None:
+                for result in results:
+                    after_round(result)
     return state
