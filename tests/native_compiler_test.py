@@ -38,11 +38,8 @@ def built(task):
     return process, spec, fused_rounds.fuse(process, spec.phase_computations)
 
 
-def _tensorflow_blocks(comp: tff.Computation) -> list:
-    """The TensorFlow computations Grappler sees: those of the desugared call-dominant form."""
-    desugared, _ = tensorflow_tree_transformations.replace_intrinsics_with_bodies(
-        comp.to_building_block()
-    )
+def _graphs_in(tree) -> list:
+    """The TensorFlow computations in the building block `tree`, in post-order."""
     found = []
 
     def visit(block):
@@ -51,8 +48,16 @@ def _tensorflow_blocks(comp: tff.Computation) -> list:
                 found.append(block)
         return block, False
 
-    tff.framework.transform_postorder(transformations.to_call_dominant(desugared), visit)
+    tff.framework.transform_postorder(tree, visit)
     return found
+
+
+def _tensorflow_blocks(comp: tff.Computation) -> list:
+    """The TensorFlow computations Grappler sees: those of the desugared call-dominant form."""
+    desugared, _ = tensorflow_tree_transformations.replace_intrinsics_with_bodies(
+        comp.to_building_block()
+    )
+    return _graphs_in(transformations.to_call_dominant(desugared))
 
 
 def test_meta_graph_defs_are_the_ones_tff_builds(built):
@@ -84,22 +89,9 @@ def test_a_repeated_graph_is_optimized_once_and_built_once(built, monkeypatch):
     )
     compiled = native_compiler.compile_to_native(computation)
     assert len(calls) == len(distinct)
-    ids = [b.proto.tensorflow.cache_key.id for b in _compiled_blocks(compiled)]
+    ids = [b.proto.tensorflow.cache_key.id for b in _graphs_in(compiled.to_building_block())]
     # The copies share one id, so the worker builds each graph once.
     assert len(ids) == len(blocks) and len(set(ids)) == len(distinct)
-
-
-def _compiled_blocks(compiled: tff.Computation) -> list:
-    found = []
-
-    def visit(block):
-        if isinstance(block, building_blocks.CompiledComputation):
-            if block.proto.WhichOneof("computation") == "tensorflow":
-                found.append(block)
-        return block, False
-
-    tff.framework.transform_postorder(compiled.to_building_block(), visit)
-    return found
 
 
 def _max_diff(a, b) -> float:
