@@ -43,7 +43,7 @@ from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 __all__ = ["compile_to_native", "grappler_config", "meta_graph_def"]
 
-# Where TFF keeps the initialize op in a MetaGraphDef, and the name of its lone signature.
+# The name TFF gives the lone signature of the MetaGraphDef it hands Grappler.
 _SIGNATURE = "FunctionSpec"
 
 
@@ -148,7 +148,6 @@ class _GrapplerOnce(transformation_utils.TransformSpec):
     def __init__(self, config: tf.compat.v1.ConfigProto):
         self._config = config
         self._done: dict[bytes, building_blocks.CompiledComputation] = {}
-        self.graphs = 0
 
     def should_transform(self, comp) -> bool:
         return (
@@ -159,16 +158,11 @@ class _GrapplerOnce(transformation_utils.TransformSpec):
     def transform(self, comp):
         if not self.should_transform(comp):
             return comp, False
-        self.graphs += 1
         key = hashlib.sha256(comp.proto.SerializeToString(deterministic=True)).digest()
         optimized = self._done.get(key)
         if optimized is None:
             optimized = self._done[key] = _optimized(comp, self._config)
         return optimized, True
-
-    @property
-    def distinct(self) -> int:
-        return len(self._done)
 
 
 def compile_to_native(comp: tff.Computation) -> tff.Computation:
