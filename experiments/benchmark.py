@@ -431,10 +431,9 @@ def _end_to_end() -> dict:
         task = registry.get_task(task_name)
         options = builders.AlgorithmOptions.from_settings(task.settings)
         process, spec = builders.build_algorithm(algorithm, task, options)
-        fused = any(f in ("--fuse_rounds", "--fuse_rounds=true") for f in _END_TO_END_FLAGS.value)
         round_computation = (
             fused_rounds.fuse(process, spec.phase_computations).computation
-            if fused
+            if measured["fused"]
             else process.next
         )
         measured["federated_calls_per_round"] = round_anatomy.intrinsic_calls(round_computation)

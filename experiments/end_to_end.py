@@ -29,9 +29,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import psutil
+from absl import flags as absl_flags
 
 from mfl_tff.training import program
 
@@ -79,6 +81,19 @@ def span_marks(command: Sequence[str], cwd: str, rounds: Sequence[int]) -> dict:
     if missing:
         raise RuntimeError(f"{' '.join(command)} printed no progress line for rounds {missing}.")
     return marks
+
+
+def fuse_rounds_flag(flags: Sequence[str]) -> Optional[bool]:
+    """`--fuse_rounds` as absl reads it from `flags` (`--fuse_rounds`, `--nofuse_rounds`,
+    `--fuse_rounds=VALUE`; the last one wins), or None if it is not among them."""
+    value, parser = None, absl_flags.BooleanParser()
+    for flag in flags:
+        name, has_value, text = flag.lstrip("-").partition("=")
+        if name == "fuse_rounds":
+            value = parser.parse(text) if has_value else True
+        elif name == "nofuse_rounds" and not has_value:
+            value = False
+    return value
 
 
 def _copy_experiment(root: str, source: str, target: str) -> None:
@@ -132,8 +147,10 @@ def measure(
     resume are.
 
     Returns:
-      `{"near": {...}, "far": {...}}`, each with `round`, `ms_per_round`,
-      `driver_cpu_ms_per_round` and `worker_cpu_ms_per_round`.
+      `{"near": {...}, "far": {...}, "fused": bool}`: each span with `round`, `ms_per_round`,
+      `driver_cpu_ms_per_round` and `worker_cpu_ms_per_round`; `fused` says whether the runs
+      fused their rounds (`--fuse_rounds` in `flags`, else the program's default for the
+      `2 * short + span` rounds each run trains).
     """
     root = os.path.join(workdir, f"{task}_{algorithm}")
     shutil.rmtree(root, ignore_errors=True)
@@ -166,4 +183,8 @@ def measure(
             worker_cpu_ms_per_round=1000 * worker / span,
         )
     shutil.rmtree(root, ignore_errors=True)
+    explicit = fuse_rounds_flag(flags)
+    report["fused"] = (
+        explicit if explicit is not None else program.default_fuse_rounds(2 * short + span)
+    )
     return report

@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from absl import flags as absl_flags
 
 from experiments import end_to_end
 from mfl_tff.training import program, state_manager
@@ -84,3 +85,24 @@ def test_seeded_metrics_csv_has_one_row_per_round(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["round_num"]) for r in rows] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in rows[2:]] == ["2.0"] * 3
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        [],
+        ["--fuse_rounds"],
+        ["--nofuse_rounds"],
+        ["--fuse_rounds=True"],
+        ["--fuse_rounds=false"],
+        ["--fuse_rounds=1"],
+        ["--fuse_rounds", "--rounds_per_call=10", "--fuse_rounds=0"],
+    ],
+)
+def test_the_fuse_flag_reads_as_absl_parses_it(given):
+    # The reference: absl parsing the same arguments for a boolean flag of its own.
+    values = absl_flags.FlagValues()
+    absl_flags.DEFINE_bool("fuse_rounds", None, "", flag_values=values)
+    absl_flags.DEFINE_integer("rounds_per_call", 0, "", flag_values=values)
+    values(["prog", *given])
+    assert end_to_end.fuse_rounds_flag(given) is values.fuse_rounds
