@@ -113,6 +113,7 @@ def _compiler(simulate_secure_sums: bool) -> Callable[[tff.Computation], tff.Com
     else after a check that refuses secure intrinsics with a message naming the option."""
 
     def native(comp: tff.Computation) -> tff.Computation:
+        # Looked up at each compilation, so a test can run the runtime with TFF's own compiler.
         return native_compiler.compile_to_native(comp)
 
     if simulate_secure_sums:
