@@ -5,8 +5,10 @@ For one task and one number of clients per round, in one process and one TFF run
 
 * each algorithm's round time (our fast path: `builders.build_algorithm` with clients stacked into
   a cohort), median/min/max over --rounds rounds after warm-up, and its ratio to the peer, both as
-  composed (`process.next`) and fused (`mfl_tff.training.fused_rounds`, as the training program
-  runs long runs; its time to first round includes the fusing compilation),
+  composed (`process.next`, a cohort's clients in a loop: the library's default, and what short
+  runs of the training program use) and as the training program runs long runs: built with
+  vectorized cohorts and fused (`mfl_tff.training.fused_rounds`; its time to first round includes
+  that build, the vectorization and the fusing compilation),
   `tff.learning.algorithms.build_weighted_fed_avg` fed `tf.data` datasets, at the same local SGD
   steps per client on the same clients;
 * the floor: the same client math for all clients in one plain-TensorFlow graph (no TFF), and
@@ -169,17 +171,25 @@ def _cohort(n: int):
     return _COHORT.value or n
 
 
-def _options(inner_steps: int, cohort_size) -> builders.AlgorithmOptions:
+def _options(inner_steps: int, cohort_size, vectorize: bool = False) -> builders.AlgorithmOptions:
     return builders.AlgorithmOptions(
-        inner_lr=_INNER_LR.value, inner_steps=inner_steps, cohort_size=cohort_size
+        inner_lr=_INNER_LR.value,
+        inner_steps=inner_steps,
+        cohort_size=cohort_size,
+        vectorize_cohorts=vectorize,
     )
 
 
-def _ours(name: str, task, rounds, inner_steps: int, cohort_size, *, fused: bool = False):
+def _ours(
+    name: str, task, rounds, inner_steps: int, cohort_size, *, fused: bool = False, vectorize=False
+):
     """Builds algorithm `name` on prepared rounds, runs its first round and warm-up rounds; with
-    `fused`, also its fused round (`runner.fused`)."""
+    `fused`, also its long-run form (`runner.fused`): built again with vectorized cohorts and
+    fused, as the training program runs long runs."""
     begin = time.perf_counter()
-    process, spec = builders.build_algorithm(name, task, _options(inner_steps, cohort_size))
+    process, spec = builders.build_algorithm(
+        name, task, _options(inner_steps, cohort_size, vectorize)
+    )
     build_s = time.perf_counter() - begin
     begin = time.perf_counter()
     values = [spec.client_values(clients) for clients in rounds]
@@ -189,11 +199,17 @@ def _ours(name: str, task, rounds, inner_steps: int, cohort_size, *, fused: bool
     runner.federated_calls = round_anatomy.intrinsic_calls(process.next)
     bm.time_calls(runner.run_round, _WARMUP.value, start=1)
     if fused:
-        # The same round fused, as the training program runs long runs: its compilation counts
-        # in its time to the first round.
-        fused_round = fused_rounds.fuse(process, spec.phase_computations)
+        # Its build, vectorization and fusing compilation count in its time to the first round.
+        begin = time.perf_counter()
+        long_process, long_spec = builders.build_algorithm(
+            name, task, _options(inner_steps, cohort_size, vectorize=True)
+        )
+        fused_round = fused_rounds.fuse(long_process, long_spec.phase_computations)
         runner.fused = bm.ProcessRunner(
-            process, values, build_s=build_s + fused_round.compile_s, round_fn=fused_round
+            long_process,
+            values,
+            build_s=time.perf_counter() - begin,
+            round_fn=fused_round,
         )
         runner.fused.federated_calls = round_anatomy.intrinsic_calls(fused_round.computation)
         bm.time_calls(runner.fused.run_round, _WARMUP.value, start=1)

@@ -49,7 +49,7 @@ from mfl_tff.data import example_sources, registry  # noqa: E402
 from mfl_tff.data.settings import TaskSettings  # noqa: E402
 from mfl_tff.evaluation import summaries  # noqa: E402
 from mfl_tff.meta import hparams as meta_hparams  # noqa: E402
-from mfl_tff.training import multi_worker, personalize, rounds, runtime  # noqa: E402
+from mfl_tff.training import multi_worker, personalize, program, rounds, runtime  # noqa: E402
 
 _TASK = flags.DEFINE_string("task", "digits_fewshot", "Task name.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["mfl", "fedavg"], "Algorithms to compare.")
@@ -105,6 +105,7 @@ def _build(name: str, task, settings: TaskSettings, num_workers: int):
         cohort_size=aggregator_flags.cohort_size(
             aggregators, _COHORT.value, settings.clients_per_round, num_workers
         ),
+        vectorize_cohorts=program.default_vectorize_cohorts(_ROUNDS.value),
     )
     return builders.build_algorithm(name, task, options)
 

@@ -83,15 +83,15 @@ def span_marks(command: Sequence[str], cwd: str, rounds: Sequence[int]) -> dict:
     return marks
 
 
-def fuse_rounds_flag(flags: Sequence[str]) -> Optional[bool]:
-    """`--fuse_rounds` as absl reads it from `flags` (`--fuse_rounds`, `--nofuse_rounds`,
-    `--fuse_rounds=VALUE`; the last one wins), or None if it is not among them."""
+def bool_flag(flags: Sequence[str], name: str) -> Optional[bool]:
+    """Boolean flag `--name` as absl reads it from `flags` (`--name`, `--noname`,
+    `--name=VALUE`; the last one wins), or None if it is not among them."""
     value, parser = None, absl_flags.BooleanParser()
     for flag in flags:
-        name, has_value, text = flag.lstrip("-").partition("=")
-        if name == "fuse_rounds":
+        given, has_value, text = flag.lstrip("-").partition("=")
+        if given == name:
             value = parser.parse(text) if has_value else True
-        elif name == "nofuse_rounds" and not has_value:
+        elif given == f"no{name}" and not has_value:
             value = False
     return value
 
@@ -183,8 +183,11 @@ def measure(
             worker_cpu_ms_per_round=1000 * worker / span,
         )
     shutil.rmtree(root, ignore_errors=True)
-    explicit = fuse_rounds_flag(flags)
-    report["fused"] = (
-        explicit if explicit is not None else program.default_fuse_rounds(2 * short + span)
-    )
+    # What the runs chose (each had 2 * short + span rounds left to train).
+    for key, name, default in (
+        ("fused", "fuse_rounds", program.default_fuse_rounds),
+        ("vectorized", "vectorize_cohorts", program.default_vectorize_cohorts),
+    ):
+        explicit = bool_flag(flags, name)
+        report[key] = explicit if explicit is not None else default(2 * short + span)
     return report

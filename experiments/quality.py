@@ -77,6 +77,7 @@ def _train_and_evaluate(
         adaptive_update=_ADAPTIVE.value,
         **settings_flags.algorithm_flags(),
         cohort_size=min(_COHORT.value, settings.clients_per_round) or None,
+        vectorize_cohorts=program.default_vectorize_cohorts(checkpoints[-1]),
     )
     process, spec = builders.build_algorithm(name, task, options)
     # Learned rates are read at their trained step count; fixed-rate rules adapt eval_steps.

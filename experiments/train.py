@@ -255,7 +255,15 @@ def _train() -> None:
             "--experiment_name."
         )
     accountant = _privacy_accountant(num_train, settings)
-    process, spec = _build_algorithm(task, settings)
+    # Built before the checkpoint is read (reading checks it against the process), so the
+    # rounds left come from the checkpoints' names.
+    saved = program.checkpoint_rounds(paths.checkpoint_dir)
+    vectorize = cfg.VECTORIZE_COHORTS.value
+    if vectorize is None:
+        vectorize = program.default_vectorize_cohorts(
+            cfg.TOTAL_ROUNDS.value - (saved[-1] if saved else 0)
+        )
+    process, spec = _build_algorithm(task, settings, vectorize_cohorts=vectorize)
     _check_several_workers(process, spec)
     try:
         start_round, state = program.load_checkpoint(paths.checkpoint_dir, process)
@@ -428,7 +436,7 @@ def _build_task(data_on_workers: Optional[bool] = None) -> FederatedTask:
 
 
 def _build_algorithm(
-    task: FederatedTask, settings: TaskSettings
+    task: FederatedTask, settings: TaskSettings, *, vectorize_cohorts: bool
 ) -> tuple[program.LearningProcess, builders.AlgorithmSpec]:
     """The process and spec from the effective settings and the other algorithm flags.
 
@@ -455,6 +463,7 @@ def _build_algorithm(
         model_aggregator=aggregators.model,
         meta_aggregator=aggregators.meta,
         cohort_size=cohort_size,
+        vectorize_cohorts=vectorize_cohorts,
     )
     try:
         return builders.build_algorithm(cfg.ALGORITHM.value, task, options)

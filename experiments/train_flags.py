@@ -258,6 +258,15 @@ FUSE_ROUNDS = flags.DEFINE_bool(
     f"at least {program.FUSE_MIN_ROUNDS} rounds left to train on one worker. Ignored on several "
     "workers.",
 )
+VECTORIZE_COHORTS = flags.DEFINE_bool(
+    "vectorize_cohorts",
+    None,
+    "Run each cohort's clients under tf.vectorized_map instead of a loop (mfl_tff.algorithms."
+    "cohorts): the same results, faster rounds (3x on sinusoid, 1.6x on digits_fewshot mfl), "
+    "and on larger models seconds more to build (about 6 s per second-order phase on digits). "
+    "Unset (default): vectorized "
+    f"when the run has at least {program.VECTORIZE_MIN_ROUNDS} rounds left to train.",
+)
 ROOT_OUTPUT_DIR = flags.DEFINE_string(
     "root_output_dir", "/tmp/mfl_tff", "Root of results/, checkpoints/ and logdir/."
 )
@@ -285,6 +294,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "rounds_per_log",
         "rounds_per_call",
         "fuse_rounds",
+        "vectorize_cohorts",
         "root_output_dir",
         "experiment_name",
         "data_cache_dir",

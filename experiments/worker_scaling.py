@@ -64,6 +64,8 @@ def measure(
     options = builders.AlgorithmOptions.from_settings(
         task.settings,
         cohort_size=multi_worker.cohort_size_for(cohort_size, clients_per_round, num_workers),
+        # Round times are what long runs see, and long runs vectorize their cohorts.
+        vectorize_cohorts=True,
     )
     process, spec = builders.build_algorithm(algorithm, task, options)
     total = warmup_rounds + rounds_timed

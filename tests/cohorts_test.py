@@ -3,7 +3,7 @@
 Five digits clients of different sizes in cohorts of 3 (so the second cohort is padded with an
 empty client), against the same five clients one per federated client: FedAvg (one pass) and MFL
 (two phases, learned alpha) after three rounds, metrics included, and a non-finite client inside a
-cohort is rejected alone.
+cohort is rejected alone; each with the cohort's clients in a loop and vectorized.
 """
 
 from __future__ import annotations
@@ -44,21 +44,25 @@ OPTIONS = {
 
 @pytest.fixture(scope="module")
 def built(task):
-    """`built(name, cohort_size) -> (process, spec)`, each built once: a build costs seconds
-    (MFL under cohorts the most: its two phases are vectorized), a round a fraction of one."""
+    """`built(name, cohort_size, vectorize) -> (process, spec)`, each built once: a build costs
+    seconds (MFL with vectorized cohorts the most: both its phases are converted), a round a
+    fraction of one."""
     cache = {}
 
-    def get(name, cohort_size):
-        if (name, cohort_size) not in cache:
-            options = builders.AlgorithmOptions(cohort_size=cohort_size, **OPTIONS[name])
-            cache[name, cohort_size] = builders.build_algorithm(name, task, options)
-        return cache[name, cohort_size]
+    def get(name, cohort_size, vectorize=False):
+        key = name, cohort_size, vectorize
+        if key not in cache:
+            options = builders.AlgorithmOptions(
+                cohort_size=cohort_size, vectorize_cohorts=vectorize, **OPTIONS[name]
+            )
+            cache[key] = builders.build_algorithm(name, task, options)
+        return cache[key]
 
     return get
 
 
-def _run(built, name, cohort_size, clients):
-    process, spec = built(name, cohort_size)
+def _run(built, name, cohort_size, clients, vectorize=False):
+    process, spec = built(name, cohort_size, vectorize)
     values = spec.client_values(clients)
     state = process.initialize()
     for _ in range(ROUNDS):
@@ -74,6 +78,13 @@ def _max_diff(a, b) -> float:
     )
 
 
+def test_vectorize_cohorts_must_be_a_bool(task):
+    with pytest.raises(TypeError, match="vectorize_cohorts must be True or False"):
+        builders.build_algorithm(
+            "fedavg", task, builders.AlgorithmOptions(cohort_size=2, vectorize_cohorts="yes")
+        )
+
+
 def test_make_cohorts_pads_the_last_cohort_with_empty_clients(clients):
     stacked = cohorts.make_cohorts(clients, COHORT)
     assert len(stacked) == 2
@@ -86,9 +97,10 @@ def test_make_cohorts_pads_the_last_cohort_with_empty_clients(clients):
         cohorts.make_cohorts(clients, 0)
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_cohorts_equal_the_unstacked_run(built, clients, name):
-    process, stacked_state, stacked_metrics = _run(built, name, COHORT, clients)
+def test_cohorts_equal_the_unstacked_run(built, clients, name, vectorize):
+    process, stacked_state, stacked_metrics = _run(built, name, COHORT, clients, vectorize)
     _, state, metrics = _run(built, name, None, clients)
     ours = process.get_model_weights(stacked_state).trainable
     reference = process.get_model_weights(state).trainable
@@ -105,10 +117,11 @@ def test_cohorts_equal_the_unstacked_run(built, clients, name):
     assert work["num_clients"] == CLIENTS
 
 
-def test_non_finite_client_in_a_cohort_is_rejected_alone(built, clients):
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_non_finite_client_in_a_cohort_is_rejected_alone(built, clients, vectorize):
     poisoned = [testing.copy_client(c) for c in clients]
     poisoned[1]["support"]["x"][0, 0, 3, 3] = np.nan
-    process, stacked_state, stacked_metrics = _run(built, "fedavg", COHORT, poisoned)
+    process, stacked_state, stacked_metrics = _run(built, "fedavg", COHORT, poisoned, vectorize)
     _, state, _ = _run(built, "fedavg", None, [c for i, c in enumerate(clients) if i != 1])
     assert stacked_metrics["client_work"]["num_clients_rejected"] == 1
     assert stacked_metrics["client_work"]["num_clients"] == CLIENTS

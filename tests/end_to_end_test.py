@@ -97,12 +97,16 @@ def test_seeded_metrics_csv_has_one_row_per_round(tmp_path):
         ["--fuse_rounds=false"],
         ["--fuse_rounds=1"],
         ["--fuse_rounds", "--rounds_per_call=10", "--fuse_rounds=0"],
+        ["--novectorize_cohorts", "--fuse_rounds"],
+        ["--vectorize_cohorts=true", "--vectorize_cohorts=0"],
     ],
 )
-def test_the_fuse_flag_reads_as_absl_parses_it(given):
+def test_a_bool_flag_reads_as_absl_parses_it(given):
     # The reference: absl parsing the same arguments for a boolean flag of its own.
     values = absl_flags.FlagValues()
     absl_flags.DEFINE_bool("fuse_rounds", None, "", flag_values=values)
+    absl_flags.DEFINE_bool("vectorize_cohorts", None, "", flag_values=values)
     absl_flags.DEFINE_integer("rounds_per_call", 0, "", flag_values=values)
     values(["prog", *given])
-    assert end_to_end.fuse_rounds_flag(given) is values.fuse_rounds
+    assert end_to_end.bool_flag(given, "fuse_rounds") is values.fuse_rounds
+    assert end_to_end.bool_flag(given, "vectorize_cohorts") is values.vectorize_cohorts

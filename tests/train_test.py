@@ -32,7 +32,7 @@ from experiments import train
 from mfl_tff.algorithms import builders
 from mfl_tff.data import registry, sinusoid
 from mfl_tff.data.settings import TaskSettings
-from mfl_tff.training import runtime
+from mfl_tff.training import program, runtime
 from tests import testing
 from tests.testing import WORKER_PID, csv_rows, saved_rounds
 
@@ -548,6 +548,42 @@ def test_meta_model_flags_default_to_the_algorithms_defaults(tmp_path, capsys, m
     defaults = builders.AlgorithmOptions()
     for name in ("meta_model", "client_optimizer", "inner_clip_norm", "meta_clip_norm"):
         assert getattr(options, name) == getattr(defaults, name), name
+
+
+@pytest.mark.parametrize(
+    "rounds_left, flag, expected",
+    [
+        (program.VECTORIZE_MIN_ROUNDS - 1, None, False),
+        (program.VECTORIZE_MIN_ROUNDS, None, True),
+        (program.VECTORIZE_MIN_ROUNDS - 1, "--vectorize_cohorts", True),
+        (program.VECTORIZE_MIN_ROUNDS, "--novectorize_cohorts", False),
+    ],
+)
+def test_cohorts_are_vectorized_from_enough_rounds_left_unless_the_flag_says(
+    rounds_left, flag, expected, tmp_path, capsys, monkeypatch
+):
+    argv = [*HETEROGENEOUS[:5], f"--total_rounds={rounds_left}", *([flag] if flag else [])]
+    _, options, _ = _built_in_process(argv, tmp_path, capsys, monkeypatch)
+    assert options.vectorize_cohorts is expected
+
+
+def test_a_resumed_run_counts_the_rounds_left_after_its_checkpoint(tmp_path, capsys, monkeypatch):
+    # The process is built before the checkpoint is read, from the checkpoints' names.
+    saved = tmp_path / "out" / "checkpoints" / "sinusoid_mfl"
+    saved.mkdir(parents=True)
+    (saved / f"{program.CHECKPOINT_PREFIX}100").write_bytes(b"")
+    built = {}
+
+    def build_algorithm(name, task, options):
+        built.update(options=options)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(train.builders, "build_algorithm", build_algorithm)
+    total = f"--total_rounds={100 + program.VECTORIZE_MIN_ROUNDS - 1}"
+    argv = [*HETEROGENEOUS[:5], total, f"--root_output_dir={tmp_path / 'out'}"]
+    code, _, stderr = _run_in_process(argv, capsys)
+    assert code == train.EXIT_BAD_INPUT and "stopped by the test" in stderr, stderr
+    assert built["options"].vectorize_cohorts is False
 
 
 def test_hparams_record_ranges_as_spelled_and_noise_as_used():

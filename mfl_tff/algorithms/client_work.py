@@ -1,7 +1,7 @@
 """Client work: the client result every client function returns, and TFF processes around it.
 
 A client function is plain TensorFlow over one packed client. `build_client_computation` wraps it
-in a `tff.tensorflow.computation` (under `tf.vectorized_map` for client cohorts) and
+in a `tff.tensorflow.computation` (mapped over the clients of a cohort: `cohorts.map_cohort`) and
 `build_client_work` in a `tff.templates.MeasuredProcess` whose `next` maps it over CLIENTS and
 returns a `tff.learning.templates.ClientResult` with the clients' metrics summed in one intrinsic.
 
@@ -138,12 +138,14 @@ def build_client_computation(
     client_data_type: tff.Type,
     *,
     cohort_size: Optional[int] = None,
+    vectorize_cohorts: bool = False,
     example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tff.Computation:
     """Wraps `client_fn(*server_args, data) -> client_output(...)` as a TFF computation.
 
     With `cohort_size`, the computation takes `cohort_size` stacked clients instead of one and
-    returns their reduced output (see `mfl_tff.algorithms.cohorts`). With `example_source`, the
+    returns their reduced output (see `mfl_tff.algorithms.cohorts`), its clients run in a loop or,
+    with `vectorize_cohorts`, under `tf.vectorized_map`. With `example_source`, the
     clients' `x` are its codes (`client_data_type` says int32), and `client_fn` gets the examples
     built from them (`example_sources.build_on_worker`, computed on the worker).
     """
@@ -156,7 +158,7 @@ def build_client_computation(
         data = example_sources.build_on_worker(data, example_source)
         if cohort_size is None:
             return client_fn(*server_args, data)
-        return cohorts.map_cohort(client_fn, server_args, data)
+        return cohorts.map_cohort(client_fn, server_args, data, vectorize=vectorize_cohorts)
 
     # TFF computations take no *args, so the two arities the phases use are spelled out.
     if len(server_arg_types) == 1:
@@ -182,6 +184,7 @@ def build_client_work(
     client_data_type: tff.Type,
     *,
     cohort_size: Optional[int] = None,
+    vectorize_cohorts: bool = False,
     example_source: Optional[example_sources.ExampleSource] = None,
 ) -> tff.templates.MeasuredProcess:
     """A packed client work process: `client_fn` on every client (or cohort).
@@ -189,14 +192,15 @@ def build_client_work(
     `next(state@SERVER, *server_args@CLIENTS, data@CLIENTS)` (one server argument, the model
     weights, or two, the weights and the meta-parameters) returns a
     `tff.learning.templates.ClientResult(update, update_weight)` at CLIENTS and
-    `federated_client_metrics` at SERVER; the state is empty. `cohort_size` and `example_source`
-    are as in `build_client_computation`.
+    `federated_client_metrics` at SERVER; the state is empty. `cohort_size`,
+    `vectorize_cohorts` and `example_source` are as in `build_client_computation`.
     """
     client_update = build_client_computation(
         client_fn,
         server_arg_types,
         client_data_type,
         cohort_size=cohort_size,
+        vectorize_cohorts=vectorize_cohorts,
         example_source=example_source,
     )
     data_type = client_update.type_signature.parameter[len(server_arg_types)]

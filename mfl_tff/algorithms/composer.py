@@ -299,6 +299,7 @@ def compose_with_parts(
             (weights_type, meta_type) if phase.takes_meta else (weights_type,),
             client_data_type,
             cohort_size=options.cohort_size,
+            vectorize_cohorts=options.vectorize_cohorts,
             example_source=example_source,
         )
         for phase in phases

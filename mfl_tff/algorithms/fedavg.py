@@ -78,6 +78,7 @@ def build_fedavg(
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
+    vectorize_cohorts: bool = False,
 ) -> tff.learning.templates.LearningProcess:
     """Builds FedAvg over packed client data.
 
@@ -90,6 +91,8 @@ def build_fedavg(
       server_optimizer: A `tff.learning.optimizers.Optimizer`; default SGD with rate 1.0 (FedAvg).
       model_aggregator: A `tff.aggregators` factory, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      vectorize_cohorts: Run each cohort under `tf.vectorized_map`, not in a loop (see
+        `cohorts`): faster rounds on small models, seconds more to build.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -105,5 +108,6 @@ def build_fedavg(
         server_optimizer=server_optimizer,
         model_aggregator=model_aggregator,
         cohort_size=cohort_size,
+        vectorize_cohorts=vectorize_cohorts,
     )
     return composer.compose(FEDAVG, model_fn, client_data_type, options)

@@ -129,6 +129,7 @@ def build_maml(
     meta_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
+    vectorize_cohorts: bool = False,
     first_order: bool = False,
 ) -> tff.learning.templates.LearningProcess:
     """Federated MAML with the exact second-order meta-gradient (first-order with `first_order`).
@@ -141,6 +142,8 @@ def build_maml(
       meta_optimizer: Server optimizer on theta; default Adam(1e-3).
       model_aggregator: Aggregator of the meta-gradients, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      vectorize_cohorts: Run each cohort under `tf.vectorized_map`, not in a loop (see
+        `cohorts`): faster rounds on small models, seconds more to build.
       first_order: FOMAML: drop the second-order terms.
 
     Returns:
@@ -152,6 +155,7 @@ def build_maml(
         meta_optimizer=meta_optimizer or "adam",
         model_aggregator=model_aggregator,
         cohort_size=cohort_size,
+        vectorize_cohorts=vectorize_cohorts,
     )
     return composer.compose(FOMAML if first_order else MAML, model_fn, client_data_type, options)
 
@@ -177,6 +181,7 @@ def build_reptile(
     outer_step_size: float = 1.0,
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
+    vectorize_cohorts: bool = False,
 ) -> tff.learning.templates.LearningProcess:
     """Federated Reptile: theta <- theta - epsilon * mean(theta - theta_K).
 
@@ -188,6 +193,8 @@ def build_reptile(
       outer_step_size: Reptile's epsilon: the server SGD step on the mean delta.
       model_aggregator: Aggregator of the deltas, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      vectorize_cohorts: Run each cohort under `tf.vectorized_map`, not in a loop (see
+        `cohorts`): faster rounds on small models, seconds more to build.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -199,5 +206,6 @@ def build_reptile(
         server_lr=outer_step_size,
         model_aggregator=model_aggregator,
         cohort_size=cohort_size,
+        vectorize_cohorts=vectorize_cohorts,
     )
     return composer.compose(REPTILE, model_fn, client_data_type, options)

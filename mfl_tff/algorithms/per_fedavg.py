@@ -111,6 +111,7 @@ def build_per_fedavg(
     server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
     cohort_size: Optional[int] = None,
+    vectorize_cohorts: bool = False,
 ) -> tff.learning.templates.LearningProcess:
     """Builds Per-FedAvg (first-order 'fo' or Hessian-free 'hf').
 
@@ -124,6 +125,8 @@ def build_per_fedavg(
       server_optimizer: Applied to the mean delta; default SGD 1.0 (model averaging).
       model_aggregator: Aggregator of the deltas, weighted or unweighted; default mean.
       cohort_size: Stack this many clients per federated client (see `cohorts`); None: off.
+      vectorize_cohorts: Run each cohort under `tf.vectorized_map`, not in a loop (see
+        `cohorts`): faster rounds on small models, seconds more to build.
 
     Returns:
       A `tff.learning.templates.LearningProcess`.
@@ -138,6 +141,7 @@ def build_per_fedavg(
         server_optimizer=server_optimizer,
         model_aggregator=model_aggregator,
         cohort_size=cohort_size,
+        vectorize_cohorts=vectorize_cohorts,
     )
     record = PER_FEDAVG_FO if variant == "fo" else PER_FEDAVG_HF
     return composer.compose(record, model_fn, client_data_type, options)

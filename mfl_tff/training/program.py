@@ -242,6 +242,21 @@ def default_fuse_rounds(rounds_to_train: int, workers: int = 1) -> bool:
     return workers == 1 and rounds_to_train >= FUSE_MIN_ROUNDS
 
 
+# Vectorizing a cohort's clients (`mfl_tff.algorithms.cohorts`) makes rounds faster and the start
+# slower, by amounts that depend on the model. Measured in pairs, fused, one cohort: sinusoid
+# meta_sgd (ten rounds per call) 13.2 against 41.0 ms a round at no cost to the build;
+# digits_fewshot mfl (ten per call) 62.9 against 103.5 ms a round for 27.7 s more before the first
+# round (build and first call), worth it after about 700 rounds; digits mfl (one per call) 60.3
+# against 70.9 ms for 15.2 s more, after about 1,400.
+VECTORIZE_MIN_ROUNDS = 500
+
+
+def default_vectorize_cohorts(rounds_to_train: int) -> bool:
+    """Whether a run that does not choose vectorizes its cohorts: from `VECTORIZE_MIN_ROUNDS`
+    rounds left to train (on any number of workers: each runs whole cohorts)."""
+    return rounds_to_train >= VECTORIZE_MIN_ROUNDS
+
+
 def default_rounds_per_call(
     rounds_to_train: int, workers: int = 1, *, boundaries: Sequence[int] = ()
 ) -> int:
