@@ -146,16 +146,29 @@ def measure(
     change it must keep lines at the span's ends, which `short` and `span` rounds after a
     resume are.
 
+    The runs stand for a run of `far_round` rounds and make its choices: unless `flags` set
+    them, they fuse their rounds and vectorize their cohorts when the program would for
+    `far_round` rounds (`program.default_fuse_rounds`, `program.default_vectorize_cohorts`),
+    not for the `2 * short + span` rounds each of them trains.
+
     Returns:
-      `{"near": {...}, "far": {...}, "fused": bool}`: each span with `round`, `ms_per_round`,
-      `driver_cpu_ms_per_round` and `worker_cpu_ms_per_round`; `fused` says whether the runs
-      fused their rounds (`--fuse_rounds` in `flags`, else the program's default for the
-      `2 * short + span` rounds each run trains).
+      `{"near": {...}, "far": {...}, "fused": bool, "vectorized": bool}`: each span with
+      `round`, `ms_per_round`, `driver_cpu_ms_per_round` and `worker_cpu_ms_per_round`; `fused`
+      and `vectorized` say what the runs did.
     """
     root = os.path.join(workdir, f"{task}_{algorithm}")
     shutil.rmtree(root, ignore_errors=True)
     base = [sys.executable, "-m", "experiments.train", f"--task={task}"]
     base += [f"--algorithm={algorithm}", f"--root_output_dir={root}", "--rounds_per_eval=0"]
+    chosen = collections.OrderedDict()
+    for key, name, default in (
+        ("fused", "fuse_rounds", program.default_fuse_rounds),
+        ("vectorized", "vectorize_cohorts", program.default_vectorize_cohorts),
+    ):
+        explicit = bool_flag(flags, name)
+        chosen[key] = explicit if explicit is not None else default(far_round)
+        if explicit is None:
+            base.append(f"--{name}={str(chosen[key]).lower()}")
     base += list(flags)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,11 +196,5 @@ def measure(
             worker_cpu_ms_per_round=1000 * worker / span,
         )
     shutil.rmtree(root, ignore_errors=True)
-    # What the runs chose (each had 2 * short + span rounds left to train).
-    for key, name, default in (
-        ("fused", "fuse_rounds", program.default_fuse_rounds),
-        ("vectorized", "vectorize_cohorts", program.default_vectorize_cohorts),
-    ):
-        explicit = bool_flag(flags, name)
-        report[key] = explicit if explicit is not None else default(2 * short + span)
+    report.update(chosen)
     return report

@@ -110,3 +110,37 @@ def test_a_bool_flag_reads_as_absl_parses_it(given):
     values(["prog", *given])
     assert end_to_end.bool_flag(given, "fuse_rounds") is values.fuse_rounds
     assert end_to_end.bool_flag(given, "vectorize_cohorts") is values.vectorize_cohorts
+
+
+@pytest.mark.parametrize(
+    "given, fused, vectorized",
+    [
+        ([], True, True),
+        (["--nofuse_rounds"], False, True),
+        (["--vectorize_cohorts=false", "--rounds_per_call=10"], True, False),
+    ],
+)
+def test_the_runs_make_the_choices_of_a_run_of_far_round_rounds(
+    given, fused, vectorized, tmp_path, monkeypatch
+):
+    # Each run trains 2 * short + span rounds, fewer than a long run; what it fuses and
+    # vectorizes must be what the program chooses for `far_round` rounds, unless flags say.
+    commands = []
+
+    def span_marks(command, cwd, rounds):
+        commands.append(command)
+        return {r: (float(r), float(r), float(r)) for r in rounds}
+
+    monkeypatch.setattr(end_to_end, "span_marks", span_marks)
+    for name in ("_copy_experiment", "_relabel_checkpoint", "_seed_metrics_csv"):
+        monkeypatch.setattr(end_to_end, name, lambda *args: None)
+    far = 50_000
+    report = end_to_end.measure(
+        task="sinusoid", algorithm="meta_sgd", workdir=str(tmp_path), flags=given, far_round=far
+    )
+    assert (report["fused"], report["vectorized"]) == (fused, vectorized)
+    assert program.default_fuse_rounds(far) and program.default_vectorize_cohorts(far)
+    assert len(commands) == 3
+    for command in commands:
+        assert end_to_end.bool_flag(command, "fuse_rounds") is fused
+        assert end_to_end.bool_flag(command, "vectorize_cohorts") is vectorized

@@ -33,6 +33,24 @@ def test_stop_is_idempotent_and_stop_all_workers_stops_everything():
 
 
 @pytest.mark.timeout(60)
+def test_worker_threads_per_op_default_to_half_the_cores_unless_set(monkeypatch):
+    monkeypatch.delenv(worker.INTRA_OP_THREADS_ENV, raising=False)
+    monkeypatch.setattr(worker.os, "cpu_count", lambda: 8)
+    assert worker.default_intra_op_threads() == 4
+    monkeypatch.setattr(worker.os, "cpu_count", lambda: 1)
+    assert worker.default_intra_op_threads() == 1
+
+    def seen(**kwargs) -> str:
+        with worker.WorkerService(**kwargs) as service:
+            return psutil.Process(service.pid).environ()[worker.INTRA_OP_THREADS_ENV]
+
+    assert seen() == "1"
+    assert seen(intra_op_threads=3) == "3"
+    monkeypatch.setenv(worker.INTRA_OP_THREADS_ENV, "2")  # the user's choice wins
+    assert seen() == "2"
+
+
+@pytest.mark.timeout(60)
 def test_worker_that_ignores_sigint_is_stopped_without_waiting(monkeypatch, tmp_path):
     # As when our process runs as `cmd &` from a script: the worker inherits SIGINT ignored.
     # A stand-in that ignores SIGINT and accepts TCP but speaks no gRPC, so startup times out
