@@ -180,16 +180,12 @@ def _options(inner_steps: int, cohort_size, vectorize: bool = False) -> builders
     )
 
 
-def _ours(
-    name: str, task, rounds, inner_steps: int, cohort_size, *, fused: bool = False, vectorize=False
-):
+def _ours(name: str, task, rounds, inner_steps: int, cohort_size, *, fused: bool = False):
     """Builds algorithm `name` on prepared rounds, runs its first round and warm-up rounds; with
     `fused`, also its long-run form (`runner.fused`): built again with vectorized cohorts and
     fused, as the training program runs long runs."""
     begin = time.perf_counter()
-    process, spec = builders.build_algorithm(
-        name, task, _options(inner_steps, cohort_size, vectorize)
-    )
+    process, spec = builders.build_algorithm(name, task, _options(inner_steps, cohort_size))
     build_s = time.perf_counter() - begin
     begin = time.perf_counter()
     values = [spec.client_values(clients) for clients in rounds]
