@@ -222,8 +222,8 @@ def default_intra_op_threads() -> int:
 
     TensorFlow's default, every core, made a worker on 2 cores spend 1.3-1.45x the CPU per round
     on digits_fewshot mfl (worker CPU 80.7-90.8 against 62.8 ms a round) and run 1.24x slower
-    in process, with bitwise the same states for the MLP tasks; a convolution's reductions
-    follow the thread count, so CNN results move at float precision.
+    in process; the MLP tasks' states came out equal to 1e-9 (a checksum of the whole state), but
+    a convolution's reductions follow the thread count, so CNN results move at float precision.
     """
     return max(1, (os.cpu_count() or 2) // 2)
 
