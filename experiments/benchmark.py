@@ -47,6 +47,7 @@ from experiments import end_to_end, floors, round_anatomy, worker_scaling  # noq
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
 from mfl_tff.training import fused_rounds, runtime  # noqa: E402
+from mfl_tff.training import worker as worker_lib  # noqa: E402
 
 PEER = "peer_fedavg"
 
@@ -426,7 +427,8 @@ def run() -> dict:
 
 
 def _end_to_end() -> dict:
-    """The training program timed as a user runs it, against the XLA floor (sinusoid)."""
+    """The training program timed as a user runs it, against the same math in plain TensorFlow
+    (`floors.TFFloor`, with the worker's threads per op) and, on sinusoid, the XLA floor."""
     results = collections.OrderedDict()
     for entry in _END_TO_END.value:
         task_name, _, algorithm = entry.partition(":")
@@ -456,6 +458,15 @@ def _end_to_end() -> dict:
                 1000 * bm.summarize(bm.time_calls(lambda _, f=floor: f.run_round(), 200))["median"]
             )
             floor.close()
+        # The worker's threads per op, so that the floor does the worker's arithmetic as the
+        # worker does it (`WorkerService`: the environment's setting, else half the cores).
+        threads = int(
+            os.environ.get(worker_lib.INTRA_OP_THREADS_ENV) or worker_lib.default_intra_op_threads()
+        )
+        packed = bm.pack_rounds(task, task.settings.clients_per_round, 10)
+        floor = floors.TFFloor(algorithm, task, options, packed[0], intra_op_threads=threads)
+        measured["tf_floor_ms"] = 1000 * _time_floor(floor, packed)["median"]
+        floor.close()
         results[label] = measured
     return results
 

@@ -253,6 +253,30 @@ def _calls(entry: dict) -> str:
     return "-" if not calls else str(calls["intrinsic_calls"])
 
 
+def end_to_end_table(end_to_end: dict) -> list[str]:
+    """The end-to-end section (`report["end_to_end"]`) as markdown table lines: each training
+    program's round time near round 500 and far, its CPU, and its ratio to each floor measured."""
+    lines = [
+        "| training program (end to end) | round | ms per round | driver CPU ms "
+        "| worker CPU ms | round | ms per round | XLA floor ms | x floor | TF floor ms "
+        "| x TF floor | intrinsic calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, entry in end_to_end.items():
+        near, far = entry["near"], entry["far"]
+        floor, tf_floor = entry.get("xla_floor_ms"), entry.get("tf_floor_ms")
+        lines.append(
+            f"| {label} | {near['round']} | {near['ms_per_round']:.1f} | "
+            f"{near['driver_cpu_ms_per_round']:.1f} | {near['worker_cpu_ms_per_round']:.1f} | "
+            f"{far['round']} | {far['ms_per_round']:.1f} | "
+            f"{'-' if floor is None else f'{floor:.2f}'} | "
+            f"{_x(_ratio(near['ms_per_round'], floor))} | "
+            f"{'-' if tf_floor is None else f'{tf_floor:.1f}'} | "
+            f"{_x(_ratio(near['ms_per_round'], tf_floor))} | {_calls(entry)} |"
+        )
+    return lines
+
+
 def format_report(report: dict) -> str:
     """A benchmark report as markdown tables: rounds, scaling, memory, targets."""
     peer = report["peer_fedavg_round_time_s"]
@@ -327,21 +351,7 @@ def format_report(report: dict) -> str:
             f"{m['worker'][-1]:.0f} | {_pct(m['worker_growth_pct_per_100_rounds'])} |"
         )
     if report.get("end_to_end"):
-        lines += [
-            "",
-            "| training program (end to end) | round | ms per round | driver CPU ms "
-            "| worker CPU ms | round | ms per round | XLA floor ms | x floor | intrinsic calls |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for label, entry in report["end_to_end"].items():
-            near, far, floor = entry["near"], entry["far"], entry.get("xla_floor_ms")
-            lines.append(
-                f"| {label} | {near['round']} | {near['ms_per_round']:.1f} | "
-                f"{near['driver_cpu_ms_per_round']:.1f} | {near['worker_cpu_ms_per_round']:.1f} | "
-                f"{far['round']} | {far['ms_per_round']:.1f} | "
-                f"{'-' if floor is None else f'{floor:.2f}'} | "
-                f"{_x(_ratio(near['ms_per_round'], floor))} | {_calls(entry)} |"
-            )
+        lines += [""] + end_to_end_table(report["end_to_end"])
     lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.3g}"

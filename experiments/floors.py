@@ -114,7 +114,17 @@ class TFFloor:
     context).
     """
 
-    def __init__(self, name: str, task, options: builders.AlgorithmOptions, example_round):
+    def __init__(
+        self,
+        name: str,
+        task,
+        options: builders.AlgorithmOptions,
+        example_round,
+        *,
+        intra_op_threads: int = 0,
+    ):
+        """The floor of `name` on `task`, its graph shaped by `example_round`'s packed clients;
+        `intra_op_threads` is the session's threads per op (0: TensorFlow's default)."""
         self.name = name
         stacked = packing.stack_clients(example_round)
         # Built outside the graph: TFF's Keras conversion reads weights eagerly.
@@ -135,7 +145,8 @@ class TFFloor:
             self._variables = floor.variables
             init = tf.compat.v1.global_variables_initializer()
         self._graph.finalize()
-        self._session = tf.compat.v1.Session(graph=self._graph)
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads)
+        self._session = tf.compat.v1.Session(graph=self._graph, config=config)
         self._session.run(init)
 
     def feed(self, clients: Sequence) -> dict:

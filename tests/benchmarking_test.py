@@ -50,3 +50,40 @@ def test_growth_ignores_the_first_20_rounds():
     values = [500.0, 800.0, 1000.0, 1001.0, 1002.0, 1010.0]
     assert bm.growth_pct_per_100_rounds(rounds, values) == pytest.approx(1.0, rel=0.05)
     assert bm.growth_pct_per_100_rounds([0, 10], [1.0, 2.0]) is None
+
+
+def _timed_run(round_num: int, ms: float) -> dict:
+    return {
+        "round": round_num,
+        "ms_per_round": ms,
+        "driver_cpu_ms_per_round": 11.9,
+        "worker_cpu_ms_per_round": 11.6,
+    }
+
+
+def test_end_to_end_table_puts_each_floor_ratio_in_its_column():
+    entries = {
+        "sinusoid meta_sgd": {
+            "near": _timed_run(500, 18.6),
+            "far": _timed_run(50020, 16.6),
+            "xla_floor_ms": 2.3,
+            "tf_floor_ms": 9.3,
+        },
+        "digits_fewshot mfl": {"near": _timed_run(500, 54.0), "far": _timed_run(50020, 60.0)},
+    }
+    header, rule, sinusoid, digits = bm.end_to_end_table(entries)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert len(columns) == rule.count("---")
+
+    def cells(line):
+        return dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+
+    row = cells(sinusoid)
+    # 18.6 / 2.3 and 18.6 / 9.3: each ratio is the near round over its own floor.
+    assert (row["XLA floor ms"], row["x floor"]) == ("2.30", "8.09x")
+    assert (row["TF floor ms"], row["x TF floor"]) == ("9.3", "2.00x")
+    row = cells(digits)
+    assert [row[c] for c in ("XLA floor ms", "x floor", "TF floor ms", "x TF floor")] == ["-"] * 4
+    # The near and the far run have columns of the same names; they come in that order.
+    values = [c.strip() for c in digits.strip("|").split("|")]
+    assert values[1:3] + values[5:7] == ["500", "54.0", "50020", "60.0"]
