@@ -458,11 +458,8 @@ def _end_to_end() -> dict:
                 1000 * bm.summarize(bm.time_calls(lambda _, f=floor: f.run_round(), 200))["median"]
             )
             floor.close()
-        # The worker's threads per op, so that the floor does the worker's arithmetic as the
-        # worker does it (`WorkerService`: the environment's setting, else half the cores).
-        threads = int(
-            os.environ.get(worker_lib.INTRA_OP_THREADS_ENV) or worker_lib.default_intra_op_threads()
-        )
+        # With the worker's threads per op, the floor does the worker's arithmetic as it does.
+        threads = worker_lib.configured_intra_op_threads()
         packed = bm.pack_rounds(task, task.settings.clients_per_round, 10)
         floor = floors.TFFloor(algorithm, task, options, packed[0], intra_op_threads=threads)
         measured["tf_floor_ms"] = 1000 * _time_floor(floor, packed)["median"]

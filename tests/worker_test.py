@@ -45,9 +45,12 @@ def test_worker_threads_per_op_default_to_half_the_cores_unless_set(monkeypatch)
             return psutil.Process(service.pid).environ()[worker.INTRA_OP_THREADS_ENV]
 
     assert seen() == "1"
+    # What the benchmark's floor reads to match the worker says what the worker got.
+    assert worker.configured_intra_op_threads() == 1
     assert seen(intra_op_threads=3) == "3"
     monkeypatch.setenv(worker.INTRA_OP_THREADS_ENV, "2")  # the user's choice wins
     assert seen() == "2"
+    assert worker.configured_intra_op_threads() == 2
 
 
 @pytest.mark.timeout(60)

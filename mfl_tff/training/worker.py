@@ -40,8 +40,11 @@ import psutil
 import tensorflow_federated as tff
 
 __all__ = [
+    "INTRA_OP_THREADS_ENV",
     "WorkerExitedError",
     "WorkerService",
+    "configured_intra_op_threads",
+    "default_intra_op_threads",
     "live_worker_pids",
     "stop_all_workers",
     "wait_for_worker",
@@ -226,6 +229,12 @@ def default_intra_op_threads() -> int:
     a convolution's reductions follow the thread count, so CNN results move at float precision.
     """
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def configured_intra_op_threads() -> int:
+    """Threads per op of a local worker started now without `intra_op_threads=`: the
+    environment's `TF_NUM_INTRAOP_THREADS` if set, else `default_intra_op_threads()`."""
+    return int(os.environ.get(INTRA_OP_THREADS_ENV) or default_intra_op_threads())
 
 
 class WorkerService:
