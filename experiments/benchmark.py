@@ -18,13 +18,15 @@ For one task and one number of clients per round, in one process and one TFF run
 * memory: resident memory of this process (the driver) and of TFF's worker process over
   --memory_rounds rounds, and its growth per 100 rounds after the first 20;
 * time to first round: building the process (tracing) plus its first round (compilation);
+* end to end: the training program as a user runs it, near round 500 and at round 50,000, against
+  the same round in plain TensorFlow (`floors.TFFloor`) and, on sinusoid, as one XLA function;
 * several workers: round time, bytes the driver sends and CPU per worker with 1 and 2 loopback
   workers at --workers_clients clients per round (`experiments.worker_scaling`).
 
 Round data is sampled, packed and stacked exactly as the training program feeds it, before any
 timing (its cost per round is reported as `data_prep_s_per_round`). Writes --output (JSON) and
-prints the tables. Defaults take about 5-8 minutes on 2 cores; --quick takes well under a minute
-and only checks that the benchmark runs.
+prints the tables. Defaults take about 5-8 minutes on 2 cores before the end-to-end section and
+4-5 minutes per end-to-end run; --quick takes well under a minute and skips that section.
 
   python -m experiments.benchmark --output=benchmark.json
 """
