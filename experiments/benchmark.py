@@ -26,7 +26,8 @@ For one task and one number of clients per round, in one process and one TFF run
 Round data is sampled, packed and stacked exactly as the training program feeds it, before any
 timing (its cost per round is reported as `data_prep_s_per_round`). Writes --output (JSON) and
 prints the tables. Defaults take about 5-8 minutes on 2 cores before the end-to-end section and
-4-5 minutes per end-to-end run; --quick takes well under a minute and skips that section.
+4-5 minutes per end-to-end run; --quick takes well under a minute and skips that section unless
+--end_to_end is given.
 
   python -m experiments.benchmark --output=benchmark.json
 """
