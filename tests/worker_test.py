@@ -51,6 +51,10 @@ def test_worker_threads_per_op_default_to_half_the_cores_unless_set(monkeypatch)
     monkeypatch.setenv(worker.INTRA_OP_THREADS_ENV, "2")  # the user's choice wins
     assert seen() == "2"
     assert worker.configured_intra_op_threads() == 2
+    # An empty value reaches the worker as is; TensorFlow reads it as its own default (0).
+    monkeypatch.setenv(worker.INTRA_OP_THREADS_ENV, "")
+    assert seen() == ""
+    assert worker.configured_intra_op_threads() == 0
 
 
 @pytest.mark.timeout(60)

@@ -231,10 +231,25 @@ def default_intra_op_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def _worker_environment(intra_op_threads: Optional[int]) -> dict[str, str]:
+    """The environment a local worker starts with: ours, with its threads per op
+    (`intra_op_threads`, else `TF_NUM_INTRAOP_THREADS` if set, else the default)."""
+    env = dict(os.environ)
+    if intra_op_threads is not None:
+        env[INTRA_OP_THREADS_ENV] = str(intra_op_threads)
+    else:
+        env.setdefault(INTRA_OP_THREADS_ENV, str(default_intra_op_threads()))
+    return env
+
+
 def configured_intra_op_threads() -> int:
-    """Threads per op of a local worker started now without `intra_op_threads=`: the
-    environment's `TF_NUM_INTRAOP_THREADS` if set, else `default_intra_op_threads()`."""
-    return int(os.environ.get(INTRA_OP_THREADS_ENV) or default_intra_op_threads())
+    """Threads per op of a local worker started now without `intra_op_threads=`, read from the
+    environment it would get; 0 (TensorFlow's own default, as for a session) if that value is
+    not an integer, since TensorFlow then ignores it."""
+    try:
+        return int(_worker_environment(None)[INTRA_OP_THREADS_ENV])
+    except ValueError:
+        return 0
 
 
 class WorkerService:
@@ -303,11 +318,7 @@ class WorkerService:
             # stdin from /dev/null too: the worker must not hold any of our standard streams.
             # The worker stays in our process group so that a signal to the whole job (Ctrl-C in
             # a terminal, `kill -- -PGID`) reaches it even if Python cannot clean up.
-            env = dict(os.environ)
-            if intra_op_threads is not None:
-                env[INTRA_OP_THREADS_ENV] = str(intra_op_threads)
-            else:
-                env.setdefault(INTRA_OP_THREADS_ENV, str(default_intra_op_threads()))
+            env = _worker_environment(intra_op_threads)
             self._process = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
