@@ -49,6 +49,7 @@ from experiments import benchmarking as bm  # noqa: E402
 from experiments import end_to_end, floors, round_anatomy, worker_scaling  # noqa: E402
 from mfl_tff.algorithms import builders  # noqa: E402
 from mfl_tff.data import registry  # noqa: E402
+from mfl_tff.meta import meta_model as meta_model_lib  # noqa: E402
 from mfl_tff.training import fused_rounds, runtime  # noqa: E402
 from mfl_tff.training import worker as worker_lib  # noqa: E402
 
@@ -108,6 +109,13 @@ _END_TO_END = flags.DEFINE_list(
 )
 _END_TO_END_SPAN = flags.DEFINE_integer(
     "end_to_end_span", 400, "Rounds between the two runs whose difference is one measurement."
+)
+_META_MODEL = flags.DEFINE_enum(
+    "meta_model",
+    None,
+    meta_model_lib.META_MODELS,
+    "mfl's and meta_sgd's meta-model in every section; empty: each algorithm's default "
+    "(conditioned for mfl, rates for meta_sgd). The README's tables give the value they used.",
 )
 _END_TO_END_FLAGS = flags.DEFINE_list(
     "end_to_end_flags", [], "Extra flags of the timed training runs, e.g. --rounds_per_call=10."
@@ -179,6 +187,7 @@ def _options(inner_steps: int, cohort_size, vectorize: bool = False) -> builders
     return builders.AlgorithmOptions(
         inner_lr=_INNER_LR.value,
         inner_steps=inner_steps,
+        meta_model=_META_MODEL.value,
         cohort_size=cohort_size,
         vectorize_cohorts=vectorize,
     )
@@ -405,6 +414,14 @@ def run() -> dict:
         peer_local_steps_per_client=peer_steps,
         inner_steps=inner_steps,
         inner_lr=_INNER_LR.value,
+        # The meta-model each meta-learning algorithm ran with (--meta_model or its default).
+        meta_models={
+            name: builders.resolved_options(
+                name, builders.AlgorithmOptions(meta_model=_META_MODEL.value)
+            ).meta_model
+            for name in results
+            if name in builders.LEARNS_ALPHA
+        },
         data_prep_s_per_round=prep_s,
         algorithms=results,
         unstacked=unstacked,
@@ -441,12 +458,15 @@ def _end_to_end() -> dict:
             task=task_name,
             algorithm=algorithm,
             workdir=os.path.join(tempfile.gettempdir(), "mfl_tff_end_to_end"),
-            flags=_END_TO_END_FLAGS.value,
+            flags=_END_TO_END_FLAGS.value
+            + ([f"--meta_model={_META_MODEL.value}"] if _META_MODEL.value else []),
             warm_rounds=480,
             span=_END_TO_END_SPAN.value,
         )
         task = registry.get_task(task_name)
-        options = builders.AlgorithmOptions.from_settings(task.settings)
+        options = builders.AlgorithmOptions.from_settings(
+            task.settings, meta_model=_META_MODEL.value
+        )
         process, spec = builders.build_algorithm(algorithm, task, options)
         round_computation = (
             fused_rounds.fuse(process, spec.phase_computations).computation
@@ -480,7 +500,9 @@ def _workers() -> list:
         for data, on_workers in (("sent", False), ("on workers", True))
     }
     clients = [int(n) for n in _WORKERS_CLIENTS.value]
-    return worker_scaling.run(tasks, _WORKERS_ALGORITHMS.value, clients)
+    return worker_scaling.run(
+        tasks, _WORKERS_ALGORITHMS.value, clients, meta_model=_META_MODEL.value
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -168,7 +168,7 @@ def _table(task, settings: TaskSettings, results: dict, target: float) -> str:
         f"{settings.clients_per_round} clients, {_NUM_EVAL.value} held-out clients, seed "
         f"{_SEED.value}.",
         "",
-        f"Settings: {settings.describe()}; {settings_flags.describe_algorithm()}"
+        f"Settings: {settings.describe()}; {settings_flags.describe_algorithm(list(results))}"
         f"{(' ' + settings_flags.describe_data()).rstrip()} {aggregator_flags.describe()}.",
         "",
         "| algorithm | rounds | before mean | before p10 | after mean | after p10 | "

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +19,7 @@ import tensorflow_federated as tff
 
 from mfl_tff.algorithms import builders, catalog
 from mfl_tff.data import packing
-from mfl_tff.meta import hparams
+from mfl_tff.meta import meta_model
 
 # Every registered algorithm has a floor: it composes the algorithm's own client functions.
 FLOOR_ALGORITHMS = catalog.names()
@@ -28,6 +28,11 @@ FLOOR_ALGORITHMS = catalog.names()
 # ---------------------------------------------------------------------------------------------
 # The plain-TensorFlow floor.
 # ---------------------------------------------------------------------------------------------
+
+
+def _tuple_or_mapping(values):
+    """A mapping as it is (a meta-model's meta-parameters), any other sequence as a tuple."""
+    return values if isinstance(values, Mapping) else tuple(values)
 
 
 def _weighted_mean(values, weights):
@@ -48,6 +53,7 @@ class _FloorRound:
 
     def __init__(self, name: str, model, options: builders.AlgorithmOptions):
         record = catalog.get(name)
+        options = record.resolve(options)
         self._phases = record.phases(model, options)
         self._non_trainable = tuple(tf.constant(np.asarray(w)) for w in model.initial_weights[1])
         self.variables = collections.OrderedDict(
@@ -56,13 +62,21 @@ class _FloorRound:
         self._optimizers = collections.OrderedDict(model=record.optimizer("model", options))
         self._min_meta = None
         if record.learns_meta:
+            # alpha's tuple, or with a meta-model OrderedDict(alpha=..., meta_model=...), as the
+            # composer keeps it (`composer.compose_with_parts`).
             initial = record.initial_meta(model, options)
-            self.variables["meta"] = [tf.Variable(np.asarray(a, np.float32)) for a in initial]
+            if not isinstance(initial, Mapping):
+                initial = tuple(initial)
+            self.variables["meta"] = tf.nest.map_structure(
+                lambda a: tf.Variable(np.asarray(a, np.float32)), initial
+            )
             self._optimizers["meta"] = record.optimizer("meta", options)
             self._min_meta = record.min_meta(options) if record.min_meta else None
         self._opt_states = collections.OrderedDict()
         for key, optimizer in self._optimizers.items():
-            specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in self.variables[key])
+            specs = tf.nest.map_structure(
+                lambda v: tf.TensorSpec(v.shape, v.dtype), _tuple_or_mapping(self.variables[key])
+            )
             initial_state = tf.nest.map_structure(tf.convert_to_tensor, optimizer.initialize(specs))
             self._opt_states[key] = tf.nest.map_structure(tf.Variable, initial_state)
 
@@ -72,7 +86,7 @@ class _FloorRound:
         def read(structure):
             return tf.nest.map_structure(lambda v: v.read_value(), structure)
 
-        values = {key: tuple(read(vs)) for key, vs in self.variables.items()}
+        values = {key: _tuple_or_mapping(read(vs)) for key, vs in self.variables.items()}
         states = {key: read(state) for key, state in self._opt_states.items()}
         for phase in self._phases:
             weights = tff.learning.models.ModelWeights(values["model"], self._non_trainable)
@@ -86,16 +100,16 @@ class _FloorRound:
                 update = out["update"]
                 if len(phase.streams) > 1:
                     update = update[stream]
-                mean = _weighted_mean(tuple(update), out["update_weight"])
+                mean = _weighted_mean(_tuple_or_mapping(update), out["update_weight"])
                 states[stream], stepped = self._optimizers[stream].next(
                     states[stream], values[stream], mean
                 )
                 if stream == "meta" and self._min_meta is not None:
-                    stepped = hparams.project_positive(stepped, self._min_meta)
-                values[stream] = tuple(stepped)
+                    stepped = meta_model.project(stepped, self._min_meta)
+                values[stream] = _tuple_or_mapping(stepped)
         ops = []
         for key, vs in self.variables.items():
-            ops += [v.assign(n) for v, n in zip(vs, values[key])]
+            ops += [v.assign(n) for v, n in zip(tf.nest.flatten(vs), tf.nest.flatten(values[key]))]
             ops += [
                 v.assign(n)
                 for v, n in zip(

@@ -163,7 +163,7 @@ def _write_row(
         part
         for part in (
             _TAG.value,
-            settings_flags.describe_algorithm(),
+            settings_flags.describe_algorithm([name], _ADAPTIVE.value),
             settings_flags.describe_data(),
         )
         if part
@@ -176,7 +176,7 @@ def _write_row(
     )
     with open(_OUTPUT.value, "a") as f:
         f.write(row)
-    record = {"tag": _TAG.value, "flags": _flag_values(settings), **report}
+    record = {"tag": _TAG.value, "flags": _flag_values(settings, name), **report}
     with open(os.path.splitext(_OUTPUT.value)[0] + ".jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     sys.stdout.write(row)
@@ -234,10 +234,12 @@ def main(argv: list[str]) -> None:
             _train_and_evaluate(name, task, settings, checkpoints)
 
 
-def _flag_values(settings: settings_lib.TaskSettings) -> dict:
+def _flag_values(settings: settings_lib.TaskSettings, algorithm: str) -> dict:
     """This binary's flags and the shared ones, hyperparameters as used (the task's settings where
-    a flag is unset), ranges spelled LO:HI as on the command line."""
+    a flag is unset, `algorithm`'s meta-model where --meta_model is), ranges spelled LO:HI as on
+    the command line."""
     effective = settings.as_dict()
+    effective["meta_model"] = settings_flags.meta_model(algorithm, _ADAPTIVE.value)
     if isinstance(settings.shots, tuple):
         effective["shots"] = settings_lib.format_range(settings.shots)
     noise = settings_flags.task_options().get("label_noise")

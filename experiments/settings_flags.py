@@ -19,6 +19,7 @@ from absl import flags
 
 from experiments import cache_flags
 from experiments.cache_flags import DATA_CACHE_DIR, WORKER_DATA_CACHE_DIR
+from mfl_tff.algorithms import builders
 from mfl_tff.data import registry
 from mfl_tff.data import settings as settings_lib
 from mfl_tff.data.settings import TaskSettings
@@ -90,9 +91,10 @@ DATA_ON_WORKERS = flags.DEFINE_bool(
 flags.adopt_module_key_flags(cache_flags)
 META_MODEL = flags.DEFINE_enum(
     "meta_model",
-    "rates",
+    None,
     meta_model_lib.META_MODELS,
-    "mfl/meta_sgd: how a client's inner-loop step sizes are made; see the README's Meta-models.",
+    "mfl/meta_sgd: how a client's inner-loop step sizes are made; empty: each algorithm's "
+    "default (conditioned for mfl, rates for meta_sgd). See the README's Meta-models.",
 )
 CLIENT_OPTIMIZER = flags.DEFINE_enum(
     "client_optimizer",
@@ -162,9 +164,28 @@ def algorithm_flags() -> dict[str, Any]:
     }
 
 
-def describe_algorithm() -> str:
-    """The meta-model flags as `name=value` pairs (the clip norms only when given)."""
+def meta_model(algorithm: str, adaptive_update: str = "meta") -> str:
+    """The meta-model `algorithm` trains with: --meta_model, or its default when unset."""
+    options = builders.AlgorithmOptions(
+        adaptive_update=adaptive_update, meta_model=META_MODEL.value
+    )
+    return builders.resolved_options(algorithm, options).meta_model
+
+
+def describe_algorithm(algorithms: Sequence[str] = (), adaptive_update: str = "meta") -> str:
+    """The meta-model flags as `name=value` pairs (the clip norms only when given).
+
+    An unset --meta_model is spelled as the default of each of `algorithms` that learns
+    meta-parameters: `conditioned` for one, `mfl:conditioned,meta_sgd:rates` for several.
+    """
     values = algorithm_flags()
+    if values["meta_model"] is None:
+        learners = [name for name in algorithms if name in builders.LEARNS_ALPHA]
+        defaults = [(name, meta_model(name, adaptive_update)) for name in learners]
+        if len(defaults) == 1:
+            values["meta_model"] = defaults[0][1]
+        elif defaults:
+            values["meta_model"] = ",".join(f"{name}:{model}" for name, model in defaults)
     return " ".join(
         f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
         for name, value in values.items()

@@ -91,11 +91,13 @@ EXIT_INTERRUPTED = 130
 def _hparams(settings: TaskSettings) -> dict[str, Any]:
     """This binary's flags in definition order, hyperparameters as used (for hparams.csv).
 
-    Unset hyperparameter flags are recorded with the task's values, so the resume check compares
-    what is trained, not how it was spelled on the command line. Ranges are spelled as on the
-    command line (LO:HI), and --label_noise as used: 0 when unset on a task that takes it.
+    Unset hyperparameter flags are recorded with the task's values, and an unset --meta_model
+    with the algorithm's default, so the resume check compares what is trained, not how it was
+    spelled on the command line. Ranges are spelled as on the command line (LO:HI), and
+    --label_noise as used: 0 when unset on a task that takes it.
     """
     effective = settings.as_dict()
+    effective["meta_model"] = cfg.meta_model()
     noise = cfg.label_noise()
     if noise is None and "label_noise" in registry.task_options(cfg.TASK.value):
         noise = 0.0
@@ -247,8 +249,11 @@ def _train() -> None:
     ]
     if differences:
         name, saved, current = differences[0]
-        unset = name in settings_lib.names() and name not in explicit
-        source = " (the task's setting; the flag is unset)" if unset else ""
+        source = ""
+        if name in settings_lib.names() and name not in explicit:
+            source = " (the task's setting; the flag is unset)"
+        elif name == "meta_model" and cfg.META_MODEL.value is None:
+            source = " (the algorithm's default; the flag is unset)"
         raise cfg.UsageError(
             f"--{name}={current}{source} differs from {name}={saved} in {paths.hparams_csv}, the "
             f"experiment this command would resume; rerun with --{name}={saved}, or pass a new "
@@ -312,6 +317,8 @@ def _train() -> None:
         flush=True,
     )
     print(cfg.describe_settings(task, settings), flush=True)
+    if cfg.ALGORITHM.value in builders.LEARNS_ALPHA:
+        print(cfg.describe_meta_model(), flush=True)
     if accountant is not None:
         print(
             f"Differential privacy: noise multiplier {accountant.noise_multiplier:g}, sampling "

@@ -95,10 +95,11 @@ FIRST_ORDER = flags.DEFINE_bool(
 )
 META_MODEL = flags.DEFINE_enum(
     "meta_model",
-    "rates",
+    None,
     meta_model_lib.META_MODELS,
     "mfl/meta_sgd: how a client's inner-loop step sizes are made: rates (the learned alpha), "
-    "per_step or conditioned; see the README's Meta-models.",
+    "per_step or conditioned; empty: the algorithm's default (conditioned for mfl with "
+    "--adaptive_update=meta, else rates). See the README's Meta-models.",
 )
 CLIENT_OPTIMIZER = flags.DEFINE_enum(
     "client_optimizer",
@@ -449,6 +450,15 @@ def algorithm_flags() -> dict:
     }
 
 
+def meta_model() -> str:
+    """The run's meta-model: --meta_model, or the algorithm's default when it is unset (call
+    `check()` first, for a known --algorithm)."""
+    options = builders.AlgorithmOptions(
+        adaptive_update=ADAPTIVE_UPDATE.value, meta_model=META_MODEL.value
+    )
+    return builders.resolved_options(ALGORITHM.value, options).meta_model
+
+
 def explicit_settings() -> set[str]:
     """The hyperparameter flags given on the command line (the others take the task's values)."""
     return {name for name in settings_lib.names() if flags.FLAGS[name].value is not None}
@@ -484,6 +494,15 @@ def effective_settings(task: FederatedTask) -> settings_lib.TaskSettings:
 def describe_settings(task: FederatedTask, settings: settings_lib.TaskSettings) -> str:
     """One line: every effective hyperparameter, those set by a flag marked with '*'."""
     return f"Settings ({task.name}'s, * = set by a flag): {settings.describe(explicit_settings())}"
+
+
+def describe_meta_model() -> str:
+    """One line: the meta-model and client optimizer in effect, and where the meta-model came
+    from."""
+    source = (
+        " (set by a flag)" if META_MODEL.value is not None else f" ({ALGORITHM.value}'s default)"
+    )
+    return f"Meta-model: {meta_model()}{source}, client optimizer {CLIENT_OPTIMIZER.value}"
 
 
 def check_aggregator_flags() -> None:

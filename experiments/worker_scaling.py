@@ -27,6 +27,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import psutil
@@ -59,10 +60,13 @@ def measure(
     rounds_timed: int = 10,
     warmup_rounds: int = 2,
     cohort_size: int = 25,
+    meta_model: Optional[str] = None,
 ) -> collections.OrderedDict:
-    """One row of the table (module docstring) for `num_workers` loopback workers."""
+    """One row of the table (module docstring) for `num_workers` loopback workers; `meta_model`
+    None is the algorithm's default."""
     options = builders.AlgorithmOptions.from_settings(
         task.settings,
+        meta_model=meta_model,
         cohort_size=multi_worker.cohort_size_for(cohort_size, clients_per_round, num_workers),
         # Round times are what long runs see, and long runs vectorize their cohorts.
         vectorize_cohorts=True,
@@ -111,12 +115,14 @@ def run(
     workers: Sequence[int] = (1, 2),
     *,
     rounds_timed: int = 10,
+    meta_model: Optional[str] = None,
     log=print,
 ) -> list:
     """The rows for every (algorithm, clients per round, data placement, workers).
 
     Args:
       tasks: `{data label: task}`, e.g. `{"sent": task, "on workers": pool_task}`.
+      meta_model: mfl's and meta_sgd's meta-model; None: each algorithm's default.
     """
     rows = []
     for algorithm in algorithms:
@@ -132,6 +138,7 @@ def run(
                             clients_per_round=n,
                             num_workers=num_workers,
                             rounds_timed=rounds_timed,
+                            meta_model=meta_model,
                         )
                     )
     return rows

@@ -53,11 +53,11 @@ def _process(task, algorithm, kind, **settings):
 
 
 def _round(process, clients):
-    """(theta move, alpha move or None, output) of one round from the initial state."""
+    """(theta move, meta-parameters' move or None, output) of one round from the initial state."""
     state = process.initialize()
     output = process.next(state, clients)
-    theta, alpha = testing.model_and_alpha(process, state)
-    new_theta, new_alpha = testing.model_and_alpha(process, output.state)
+    theta, alpha = testing.model_and_meta(process, state)
+    new_theta, new_alpha = testing.model_and_meta(process, output.state)
     return new_theta - theta, None if alpha is None else new_alpha - alpha, output
 
 
@@ -206,7 +206,8 @@ def test_clipping_bounds_what_one_huge_client_can_move(fewshot_task, clients, al
         share = np.linalg.norm(theta_huge - theta_without)
     else:
         # mfl's second phase already uses the new alpha, so theta's other clients differ too:
-        # the huge client's share is read on alpha, aggregated in the first phase.
+        # the huge client's share is read on the meta-parameters (alpha and the meta-model's
+        # network), aggregated and clipped as one stream in the first phase.
         share = np.linalg.norm(alpha_huge - alpha_without)
     MEASURED[f"{algorithm} huge client's share"] = (float(share), bound)
     # Clipped, not zeroed: its share is the whole clip over the expected clients.

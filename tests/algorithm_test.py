@@ -7,6 +7,8 @@ Adam by lr * sign(g) (its bias-corrected m / sqrt(v) is g / |g| on the first ste
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -249,6 +251,33 @@ def test_cohorts_accept_the_weighted_mean():
 def test_an_aggregator_class_is_a_type_error_naming_the_option():
     with pytest.raises(TypeError, match="meta_aggregator must be a tff.aggregators"):
         algorithm.check_common(AlgorithmOptions(meta_aggregator=tff.aggregators.MeanFactory))
+
+
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        ("mfl", {}, "conditioned"),
+        ("mfl", {"adaptive_update": "local"}, "rates"),  # `local` steps with alpha alone
+        ("mfl", {"meta_model": "per_step"}, "per_step"),  # an explicit choice stays
+        ("mfl", {"meta_model": "rates"}, "rates"),
+        ("meta_sgd", {}, "rates"),
+        ("meta_sgd", {"meta_model": "conditioned"}, "conditioned"),
+        ("fedavg", {}, "rates"),
+    ],
+)
+def test_an_unset_meta_model_resolves_to_the_algorithms_default(name, options, expected):
+    resolved = catalog.get(name).resolve(AlgorithmOptions(**options))
+    assert resolved.meta_model == expected
+    assert resolved.inner_loop().meta_model == expected
+    # Nothing else changes.
+    assert dataclasses.replace(resolved, meta_model=options.get("meta_model")) == (
+        AlgorithmOptions(**options)
+    )
+
+
+def test_an_unresolved_meta_model_is_refused_by_the_inner_loop():
+    with pytest.raises(ValueError, match="resolve the options with the algorithm"):
+        AlgorithmOptions().inner_loop()
 
 
 def test_learns_meta_is_having_initial_meta_parameters():

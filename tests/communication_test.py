@@ -102,12 +102,24 @@ def test_cohorts_do_not_change_the_bytes_per_client(build):
 
 
 def test_mfl_broadcasts_alpha_twice_and_uploads_its_meta_gradient(build, shapes):
-    cost = _measure(build, "mfl", alpha_granularity="per_layer")
+    cost = _measure(build, "mfl", alpha_granularity="per_layer", meta_model="rates")
     params, layers = _params(shapes), len(shapes)
     # Theta once; alpha before the local phase and the new alpha before the adaptive phase.
     assert cost.download_bytes == 4 * params + 2 * 4 * layers
     assert cost.upload_bytes["model"] == 4 * params + 4
     assert cost.upload_bytes["meta"] == 4 * layers + 4
+
+
+def test_mfl_default_meta_model_sends_its_network_with_alpha(build, shapes):
+    """mfl's default (conditioned) meta-parameters are alpha and a network from 1 + L features
+    (log loss, a log gradient norm per tensor) through 16 hidden units to K x L multipliers."""
+    cost = _measure(build, "mfl", alpha_granularity="per_layer")
+    params, layers = _params(shapes), len(shapes)
+    features, hidden, outputs = 1 + layers, 16, STEPS * layers
+    meta = layers + features * hidden + hidden + hidden * outputs + outputs
+    assert cost.download_bytes == 4 * params + 2 * 4 * meta
+    assert cost.upload_bytes["model"] == 4 * params + 4
+    assert cost.upload_bytes["meta"] == 4 * meta + 4
 
 
 def test_quantized_updates_are_counted_after_encoding(build, shapes):

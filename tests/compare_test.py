@@ -61,11 +61,16 @@ def test_compare_writes_a_row_per_algorithm_and_a_png(runs):
             assert 0.0 <= float(value) <= 1.0
         up, down = (float(v) for v in cells[8].split(" / "))
         # Closed form: the 64-64-5 MLP on 8x8 digits has 8,645 float32 parameters, broadcast to
-        # each client (mfl adds its 6 per-layer rates, twice) and uploaded as its update.
+        # each client and uploaded as its update. mfl adds its meta-parameters, broadcast twice
+        # and uploaded once: 6 per-layer rates and its default meta-model's network, 7 features
+        # (log loss, 6 log gradient norms) -> 16 -> 1 step x 6 tensors.
         params_mb = 4 * (64 * 64 + 64 + 64 * 64 + 64 + 64 * 5 + 5) / 1e6
-        want_down = params_mb + (2 * 4 * 6 / 1e6 if cells[0] == "mfl" else 0)
-        assert down == pytest.approx(want_down, abs=1e-4)
-        assert params_mb < up < params_mb + 1e-3
+        meta_mb = 4 * (6 + 7 * 16 + 16 + 16 * 6 + 6) / 1e6 if cells[0] == "mfl" else 0
+        assert down == pytest.approx(params_mb + 2 * meta_mb, abs=1e-4)
+        assert params_mb + meta_mb < up < params_mb + meta_mb + 1e-4
+    # An unset --meta_model is reported as what ran: mfl's default (fedavg has none).
+    settings = next(line for line in table if line.startswith("Settings: "))
+    assert "meta_model=conditioned " in settings
     png = (out / "comparison.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     # The printed table is the written one.

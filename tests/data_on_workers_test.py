@@ -126,7 +126,7 @@ def test_training_and_evaluation_end_where_the_default_tasks_do(tff_local_execut
             algorithm_options = builders.AlgorithmOptions.from_settings(task.settings, **extra)
             process, spec = builders.build_algorithm(name, task, algorithm_options)
             state = rounds.run_rounds(process, spec, task, clients_per_round=4, rounds=range(1, 4))
-            ends.append(testing.model_and_alpha(process, state))
+            ends.append(testing.model_and_meta(process, state))
             if name == "fedavg":
                 _, per_client = personalize.evaluate(
                     process,

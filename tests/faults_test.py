@@ -60,7 +60,7 @@ def run(process, clients):
     state = process.initialize()
     output = process.next(state, clients)
     before, after = (
-        np.concatenate([v for v in testing.model_and_alpha(process, s) if v is not None])
+        np.concatenate([v for v in testing.model_and_meta(process, s) if v is not None])
         for s in (state, output.state)
     )
     return after - before, progress.flat_metrics(output.metrics)

@@ -127,9 +127,12 @@ def projection_process(task):
 
 @pytest.fixture(scope="module")
 def meta_process(task):
+    # The reference below is MAML with alpha alone: the `rates` meta-model, set explicitly since
+    # mfl's default is `conditioned` (its own reductions to `rates` are in meta_model_test.py).
     return build(
         task,
         adaptive_update="meta",
+        meta_model="rates",
         alpha_granularity="per_layer",
         initial_alpha=LR,
         inner_steps=INNER_STEPS,

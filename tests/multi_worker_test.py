@@ -90,17 +90,17 @@ def one_machine(built, task, fewshot) -> dict:
     """The final (model, alpha) of each algorithm trained on one local worker."""
     with runtime.local_execution():
         want = {
-            name: testing.model_and_alpha(process, _train(process, spec, task))
+            name: testing.model_and_meta(process, _train(process, spec, task))
             for name, (process, spec) in built.items()
             if name != ON_WORKERS
         }
         process, spec = builders.build_algorithm("fedavg", fewshot[0], ON_WORKERS_OPTIONS)
-        want[ON_WORKERS] = testing.model_and_alpha(process, _train(process, spec, fewshot[0]))
+        want[ON_WORKERS] = testing.model_and_meta(process, _train(process, spec, fewshot[0]))
         return want
 
 
 def _assert_equal_to(want, process, state) -> float:
-    (want_theta, want_alpha), (theta, alpha) = want, testing.model_and_alpha(process, state)
+    (want_theta, want_alpha), (theta, alpha) = want, testing.model_and_meta(process, state)
     worst = float(np.max(np.abs(theta - want_theta)))
     if want_alpha is not None:
         worst = max(worst, float(np.max(np.abs(alpha - want_alpha))))

@@ -159,7 +159,7 @@ def test_two_secure_fedavg_rounds_equal_the_mean_within_quantization(
             output = process.next(state, clients)
             state = output.state
             metrics.append(progress.flat_metrics(output.metrics))
-        runs[kind] = (testing.model_and_alpha(process, state)[0], metrics)
+        runs[kind] = (testing.model_and_meta(process, state)[0], metrics)
     (mean_theta, _), (secure_theta, secure_metrics) = runs["mean"], runs["secure"]
     # Bound. Each client's weighted update w*x is clipped to the secure range [-B, B] (B is the
     # `secure_upper_threshold` metric: 100 in round 1, adapted after) and quantized to 32 bits,

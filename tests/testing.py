@@ -524,11 +524,14 @@ def with_aggregators(task, algorithm: str, kind: str, clients_per_round: int, **
     return cached[1]
 
 
-def model_and_alpha(process, state) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """The trainable model weights and (for algorithms that learn it) alpha of `state`, flat."""
+def model_and_meta(process, state) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The trainable model weights and (for algorithms that learn them) the meta-parameters of
+    `state`, flat: alpha, then the meta-model's own parameters when it has some."""
     theta = flat(process.get_model_weights(state).trainable)
     hparams = process.get_hparams(state) if process.get_hparams is not None else {}
-    return theta, (flat(hparams["alpha"]) if "alpha" in hparams else None)
+    if "alpha" not in hparams:
+        return theta, None
+    return theta, flat(tf.nest.flatten([hparams["alpha"], hparams.get("meta_model", ())]))
 
 
 # The keys of personalization.json (docs/architecture.md, "File contracts").

@@ -548,6 +548,41 @@ def test_meta_model_flags_default_to_the_algorithms_defaults(tmp_path, capsys, m
     defaults = builders.AlgorithmOptions()
     for name in ("meta_model", "client_optimizer", "inner_clip_norm", "meta_clip_norm"):
         assert getattr(options, name) == getattr(defaults, name), name
+    # Unset, the meta-model is the algorithm's to choose: mfl's is `conditioned`.
+    assert builders.resolved_options("mfl", options).meta_model == "conditioned"
+
+
+def test_resuming_an_mfl_run_saved_with_rates_needs_the_flag_the_error_names(
+    tmp_path, capsys, monkeypatch
+):
+    """mfl's runs from before `conditioned` became its default recorded `rates`: unset, the flag
+    would train another meta-model, so the run is refused with the flag that resumes it."""
+    saved = tmp_path / "out" / "results" / "saved"
+    saved.mkdir(parents=True)
+    # Settings missing from a saved file are not compared: these two are what matters here.
+    (saved / "hparams.csv").write_text("algorithm,meta_model\nmfl,rates\n")
+    argv = [*HETEROGENEOUS[:5], f"--root_output_dir={tmp_path / 'out'}", "--experiment_name=saved"]
+    code, stdout, stderr = _run_in_process(argv, capsys)
+    _assert_one_line_error(
+        code,
+        stdout,
+        stderr,
+        "--meta_model=conditioned (the algorithm's default; the flag is unset) differs from "
+        "meta_model=rates",
+    )
+    assert "rerun with --meta_model=rates" in stderr
+    # With the flag the check passes, and the run goes on to build its process.
+    stopped = ValueError("stopped by the test")
+    monkeypatch.setattr(train.builders, "build_algorithm", _raising(stopped))
+    code, _, stderr = _run_in_process([*argv, "--meta_model=rates"], capsys)
+    assert code == train.EXIT_BAD_INPUT and "stopped by the test" in stderr, stderr
+
+
+def _raising(error):
+    def raise_(*args, **kwargs):
+        raise error
+
+    return raise_
 
 
 @pytest.mark.parametrize(
@@ -601,6 +636,16 @@ def test_hparams_record_ranges_as_spelled_and_noise_as_used():
         flags.FLAGS.unparse_flags()
         train._parse_flags(["train"])
         assert train._hparams(TaskSettings(shots=5))["label_noise"] is None
+        # An unset --meta_model is recorded as the algorithm's default, as used.
+        assert train._hparams(TaskSettings(shots=5))["meta_model"] == "conditioned"
+        for argv, meta_model in (
+            (["--adaptive_update=local"], "rates"),
+            (["--algorithm=meta_sgd"], "rates"),
+            (["--algorithm=fedavg"], "rates"),
+        ):
+            flags.FLAGS.unparse_flags()
+            train._parse_flags(["train", *argv])
+            assert train._hparams(TaskSettings(shots=5))["meta_model"] == meta_model, argv
     finally:
         flags.FLAGS.unparse_flags()
 

@@ -76,7 +76,9 @@ class AlgorithmOptions:
       meta_model: How mfl and meta_sgd turn a client's data into its inner-loop step sizes
         (`mfl_tff.meta.meta_model`): 'rates' (the learned alpha alone), 'per_step' (alpha times
         learned per-step, per-tensor multipliers) or 'conditioned' (alpha times multipliers that
-        a small network computes from the client's own support loss and gradient norms).
+        a small network computes from the client's own support loss and gradient norms). None:
+        the algorithm's default (`Algorithm.default_meta_model`): 'conditioned' for mfl with
+        its `meta` adaptive update, 'rates' for everything else.
       client_optimizer: The inner loop's optimizer for mfl and meta_sgd: 'sgd' or 'momentum'
         (heavy ball with a learned per-tensor beta).
       inner_clip_norm, meta_clip_norm: Global-norm clipping of each inner-loop support gradient
@@ -108,7 +110,7 @@ class AlgorithmOptions:
     first_order: bool = False
     min_alpha: float = 1e-6
     proximal_strength: float = 0.01
-    meta_model: str = "rates"
+    meta_model: Optional[str] = None
     client_optimizer: str = "sgd"
     inner_clip_norm: Optional[float] = None
     meta_clip_norm: Optional[float] = None
@@ -148,7 +150,17 @@ class AlgorithmOptions:
         )
 
     def inner_loop(self) -> meta_model_lib.InnerLoop:
-        """The inner loop of mfl and meta_sgd under these options."""
+        """The inner loop of mfl and meta_sgd under these options.
+
+        Raises:
+          ValueError: If `meta_model` is None: only the algorithm knows its default, so the
+            options must first go through `Algorithm.resolve` (builders and the composer do).
+        """
+        if self.meta_model is None:
+            raise ValueError(
+                "meta_model is None (the algorithm's default); resolve the options with the "
+                "algorithm first: `catalog.get(name).resolve(options)`."
+            )
         inner_clip_norm, _ = self.clip_norms()
         return meta_model_lib.InnerLoop(
             meta_model=self.meta_model,
@@ -215,6 +227,8 @@ class Algorithm:
       check: `check(options)` raises ValueError naming a bad option (before anything is built).
       gradient_streams: `gradient_streams(options)`: the streams whose updates are
         meta-gradients, clipped on the aggregate when `options.clip_norms()` says so.
+      default_meta_model: The meta-model when `options.meta_model` is None, or a function of
+        the options returning it.
     """
 
     name: str
@@ -229,6 +243,18 @@ class Algorithm:
     min_meta: Optional[Callable[[AlgorithmOptions], Optional[float]]] = None
     check: Callable[[AlgorithmOptions], None] = lambda options: None
     gradient_streams: Callable[[AlgorithmOptions], tuple[str, ...]] = lambda options: ()
+    default_meta_model: Union[str, Callable[[AlgorithmOptions], str]] = "rates"
+
+    def resolve(self, options: AlgorithmOptions) -> AlgorithmOptions:
+        """`options` with the algorithm's defaults in place of None where it has one: the
+        meta-model. Everything built from options (phases, initial meta-parameters, the
+        evaluation's inner loop) reads the resolved ones."""
+        if options.meta_model is not None:
+            return options
+        default = self.default_meta_model
+        if callable(default):
+            default = default(options)
+        return dataclasses.replace(options, meta_model=default)
 
     @property
     def learns_meta(self) -> bool:
@@ -259,7 +285,7 @@ def check_common(options: AlgorithmOptions) -> None:
     checks.check_positive_int("inner_steps", options.inner_steps)
     checks.check_positive_int("local_epochs", options.local_epochs)
     checks.check_positive_rate("inner_lr", options.inner_lr)
-    meta_model_lib.check(options.meta_model, options.client_optimizer)
+    meta_model_lib.check(options.meta_model, options.client_optimizer, allow_default=True)
     for name in ("inner_clip_norm", "meta_clip_norm"):
         value = getattr(options, name)
         if value is not None and (not np.isfinite(value) or value < 0):

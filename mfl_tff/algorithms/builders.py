@@ -32,6 +32,7 @@ __all__ = [
     "build_algorithm",
     "build_optimizer",
     "evaluation_alpha",
+    "resolved_options",
 ]
 
 ALGORITHMS = catalog.names()
@@ -70,7 +71,7 @@ def build_algorithm(
       TypeError: For an optimizer or aggregator of the wrong kind.
     """
     record = catalog.get(name)
-    options = options or AlgorithmOptions()
+    options = resolved_options(name, options)
     # A task in pool mode sends indices; the client work gathers its features on the worker.
     process, parts = composer.compose_with_parts(
         record,
@@ -89,6 +90,12 @@ def build_algorithm(
         phase_computations=parts.phase_computations,
     )
     return process, spec
+
+
+def resolved_options(name: str, options: Optional[AlgorithmOptions] = None) -> AlgorithmOptions:
+    """`options` (None: the defaults) as algorithm `name` builds with them: its defaults in
+    place of None (the meta-model: `Algorithm.resolve`)."""
+    return catalog.get(name).resolve(options or AlgorithmOptions())
 
 
 def evaluation_alpha(process, state, spec: AlgorithmSpec, inner_lr: float):

@@ -255,7 +255,7 @@ def compose_with_parts(
       TypeError: For an optimizer or aggregator of the wrong kind.
       ValueError: For an option out of range.
     """
-    options = options or AlgorithmOptions()
+    options = algorithm.resolve(options or AlgorithmOptions())
     algorithm.check(options)
     model = model_fn()
     phases = algorithm.phases(model, options)

@@ -57,9 +57,13 @@ NETWORK_SEED = 0
 _FEATURE_EPSILON = 1e-12
 
 
-def check(meta_model: str, client_optimizer: str) -> None:
-    """Raises ValueError naming the choices for an unknown meta-model or client optimizer."""
-    if meta_model not in META_MODELS:
+def check(meta_model: Optional[str], client_optimizer: str, *, allow_default: bool = False) -> None:
+    """Raises ValueError naming the choices for an unknown meta-model or client optimizer.
+
+    With `allow_default`, a meta-model of None passes: options not yet resolved by an algorithm
+    (`mfl_tff.algorithms.algorithm.Algorithm.resolve`) mean its default by it.
+    """
+    if not (meta_model is None and allow_default) and meta_model not in META_MODELS:
         raise ValueError(f"meta_model must be one of {', '.join(META_MODELS)}; got {meta_model!r}.")
     if client_optimizer not in CLIENT_OPTIMIZERS:
         raise ValueError(

@@ -3,6 +3,7 @@
 # mfl under --aggregator=mean and --aggregator=compressed (8 bits), same seed and budget. Usage:
 #   experiments/results/communication/run.sh digits_fewshot|sinusoid [ROUNDS]
 # Writes experiments/results/communication/<task>_<aggregator>/comparison.md (and .png).
+# --meta_model=rates: the tables were run with mfl's learned rates alone, its default then.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 task="$1"
@@ -14,6 +15,6 @@ esac
 for aggregator in ${AGGREGATORS:-mean compressed}; do
   .venv/bin/python -m experiments.compare --task="$task" \
     --algorithms=fedavg,maml,meta_sgd,mfl --total_rounds="$rounds" --num_eval_clients=100 \
-    --aggregator="$aggregator" "${flags[@]}" \
+    --aggregator="$aggregator" "${flags[@]}" --meta_model=rates \
     --output_dir="experiments/results/communication/${task}_${aggregator}"
 done
