@@ -1,9 +1,10 @@
 r"""Trains one algorithm on one task, with checkpoints, metrics and a held-out evaluation.
 
-With no flags, trains MFL (learned per-layer client learning rates) on `digits_fewshot` (5-way
-5-shot real digits, a new label mapping per client) for 100 rounds of 25 clients, and every 25
-rounds adapts 100 held-out clients (never trained on) and reports their accuracy before and after
-adaptation. It takes about a minute on 2 cores.
+With no flags, trains MFL (learned per-layer client learning rates, scaled at each inner step by
+its default meta-model, `conditioned`, from each client's own support loss and gradient norms) on
+`digits_fewshot` (5-way 5-shot real digits, a new label mapping per client) for 100 rounds of 25
+clients, and every 25 rounds adapts 100 held-out clients (never trained on) and reports their
+accuracy before and after adaptation. It takes about a minute on 2 cores.
 
 Hyperparameters come from the task: each task carries the settings its protocol uses
 (`task.settings`: inner rate and steps, shots, meta-optimizer and its rate, alpha granularity,
